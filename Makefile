@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make quickstart` and `make test`.
+# Each creates .venv if missing and installs what the project needs first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The PyTorch build to install when the environment has none. On our CPU machines
+# `pip install torch==2.13.0` takes a local CPU wheel; on a CUDA machine it is the CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install test lint quickstart bench clean
+
+install: $(STAMP)
+
+# A torch the base Python already has (e.g. a CUDA build on a GPU box) is kept: the venv then
+# sees the system packages. Otherwise torch is installed pinned, before anything that depends on
+# it, so pip never resolves an unpinned torch (gigabytes of CUDA wheels on a CPU machine).
+$(BIN)/python:
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "keeping the installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "torch $$($(BIN)/python -c 'import torch; print(torch.__version__)') already installed"; \
+	else \
+		$(BIN)/python -m pip install --quiet "$(TORCH)"; \
+	fi
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/pytest -q
+
+quickstart: $(STAMP)
+	$(BIN)/finetune validate examples/configs/quickstart.yaml
+	$(BIN)/finetune train examples/configs/quickstart.yaml
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) outputs last_run_prepared .pytest_cache .ruff_cache

@@ -1,0 +1,120 @@
+"""The `finetune` command line: one thin function per verb."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from finetune.errors import FinetuneError
+
+app = typer.Typer(
+    name="finetune",
+    help="Fine-tune Hugging Face language models with LoRA, QLoRA and DoRA from one YAML file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Verbs that take a config accept any config key after it as an override (--learning-rate 1e-4).
+WITH_OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+CONFIG_ARG = typer.Argument(..., help="The YAML config file.", show_default=False)
+OPTIONAL_CONFIG_ARG = typer.Argument(None, help="The YAML config file.", show_default=False)
+OVERRIDES_HELP = "Any config key can follow CONFIG as an override: --learning-rate 1e-4."
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """Fine-tune Hugging Face language models with LoRA, QLoRA and DoRA from one YAML file."""
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+@app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
+def validate(
+    ctx: typer.Context,
+    config: Path = OPTIONAL_CONFIG_ARG,
+    schema: bool = typer.Option(False, "--schema", help="Print the config's JSON Schema and exit."),
+) -> None:
+    """Check a config and print it resolved, every default filled in."""
+    from finetune.config import FinetuneConfig
+    from finetune.configfile import load_config, render_config
+    from finetune.hardware import machine_warnings, resolve_for_machine
+
+    if schema:
+        typer.echo(json.dumps(FinetuneConfig.model_json_schema(), indent=2))
+        return
+    if config is None:
+        raise typer.BadParameter("give a CONFIG file (or --schema)", param_hint="CONFIG")
+    loaded = load_config(config, ctx.args)
+    for message in loaded.warnings:
+        _warn(message)
+    for message in machine_warnings(loaded.config):
+        typer.echo(f"note (this machine): {message}", err=True)
+    typer.echo(f"# {config}: valid. Resolved for this machine:")
+    typer.echo(render_config(resolve_for_machine(loaded.config)), nl=False)
+
+
+def _not_built(verb: str, issue: int) -> None:
+    typer.echo(
+        f"finetune {verb}: not built yet (tracked in issue #{issue}); nothing was done.", err=True
+    )
+    raise typer.Exit(1)
+
+
+@app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
+def preprocess(ctx: typer.Context, config: Path = CONFIG_ARG) -> None:
+    """Load, format, tokenize, mask and cache the datasets."""
+    _not_built("preprocess", 3)
+
+
+@app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
+def train(ctx: typer.Context, config: Path = CONFIG_ARG) -> None:
+    """Preprocess if needed, load the model, attach the adapter and train."""
+    _not_built("train", 5)
+
+
+@app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
+def merge(ctx: typer.Context, config: Path = CONFIG_ARG) -> None:
+    """Fold the trained adapter into the base weights."""
+    _not_built("merge", 6)
+
+
+@app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
+def inference(ctx: typer.Context, config: Path = CONFIG_ARG) -> None:
+    """Generate with the trained adapter, the merged model or the base."""
+    _not_built("inference", 7)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point. User errors print in a line or two and exit 2; --debug shows tracebacks."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # `--debug` may come anywhere (after the config too); it is a global option.
+    debug = "--debug" in args
+    if debug:
+        args = ["--debug", *(a for a in args if a != "--debug")]
+    try:
+        app(args=args, prog_name="finetune")
+    except FinetuneError as exc:
+        if debug:
+            raise
+        typer.echo(str(exc), err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        typer.echo(
+            f"finetune: internal error: {type(exc).__name__}: {exc}\n"
+            "Run again with --debug for the traceback, and please report it.",
+            err=True,
+        )
+        sys.exit(1)
