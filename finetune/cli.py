@@ -44,7 +44,7 @@ def validate(
 ) -> None:
     """Check a config and print it resolved, every default filled in."""
     from finetune.config import FinetuneConfig
-    from finetune.configfile import load_config, render_config
+    from finetune.configfile import render_config
     from finetune.hardware import machine_warnings, resolve_for_machine
 
     if schema:
@@ -52,13 +52,21 @@ def validate(
         return
     if config is None:
         raise typer.BadParameter("give a CONFIG file (or --schema)", param_hint="CONFIG")
-    loaded = load_config(config, ctx.args)
-    for message in loaded.warnings:
-        _warn(message)
+    loaded = _load(config, ctx.args)
     for message in machine_warnings(loaded.config):
         typer.echo(f"note (this machine): {message}", err=True)
     typer.echo(f"# {config}: valid. Resolved for this machine:")
     typer.echo(render_config(resolve_for_machine(loaded.config)), nl=False)
+
+
+def _load(config: Path, overrides: list[str]):
+    """The validated config, its warnings printed."""
+    from finetune.configfile import load_config
+
+    loaded = load_config(config, overrides)
+    for message in loaded.warnings:
+        _warn(message)
+    return loaded
 
 
 def _not_built(verb: str, issue: int) -> None:
@@ -69,9 +77,26 @@ def _not_built(verb: str, issue: int) -> None:
 
 
 @app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
-def preprocess(ctx: typer.Context, config: Path = CONFIG_ARG) -> None:
-    """Load, format, tokenize, mask and cache the datasets."""
-    _not_built("preprocess", 3)
+def preprocess(
+    ctx: typer.Context,
+    config: Path = CONFIG_ARG,
+    debug_num_examples: int = typer.Option(
+        3, "--debug-num-examples", help="With --debug: how many samples to show token by token."
+    ),
+) -> None:
+    """Load, format, tokenize, mask and cache the datasets (--debug shows the label mask)."""
+    from rich.console import Console
+
+    from finetune.data.mask_view import show_label_mask
+    from finetune.data.prepare import format_summary, prepare_datasets
+    from finetune.model import load_tokenizer
+
+    loaded = _load(config, ctx.args)
+    tokenizer = load_tokenizer(loaded.config)
+    prepared = prepare_datasets(loaded.config, tokenizer, log=typer.echo)
+    typer.echo(format_summary(prepared.summary))
+    if ctx.find_root().params.get("debug"):
+        show_label_mask(prepared.train, tokenizer, debug_num_examples, Console())
 
 
 @app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)

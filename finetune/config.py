@@ -15,6 +15,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Prompt strategies (`type:`) are one module each in finetune/data/strategies/; a mapping
+# (`type: {field_instruction: ...}`) defines a custom alpaca-like format instead.
+from finetune.data.chat_templates import CHAT_TEMPLATE_CHOICES
+from finetune.data.strategies import DATASET_TYPES
+
 SECTIONS = (
     "model",
     "quantization",
@@ -26,18 +31,6 @@ SECTIONS = (
     "precision & memory",
     "distributed",
     "logging",
-)
-
-# Prompt strategies a dataset's `type:` may name. A mapping (`type: {field_instruction: ...}`)
-# defines a custom alpaca-like format instead.
-DATASET_TYPES = (
-    "alpaca",
-    "alpaca:chatml",
-    "alpaca_chat",
-    "alpaca_chat.load_qa",
-    "chat_template",
-    "completion",
-    "input_output",
 )
 
 OPTIMIZERS = (
@@ -137,7 +130,7 @@ class DatasetConfig(BaseModel):
         "training", description="Per-message key that switches training on or off for it."
     )
     roles: dict[str, list[str]] | None = Field(
-        None, description="Role aliases, e.g. {user: [human], assistant: [gpt]}."
+        None, description="More role aliases, e.g. {assistant: [bot]} (human/gpt are known)."
     )
     roles_to_train: list[str] = Field(["assistant"], description="Roles whose turns are trained.")
     train_on_eos: TrainOnEos = Field(
@@ -148,6 +141,11 @@ class DatasetConfig(BaseModel):
         None, description="Custom Jinja chat template (text or path) for this dataset only."
     )
     drop_system_message: bool = Field(False, description="Drop system turns from conversations.")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        return _known_chat_template(value)
 
     @field_validator("type")
     @classmethod
@@ -292,11 +290,17 @@ class FinetuneConfig(BaseModel):
     chat_template: str | None = option(
         "datasets",
         None,
-        "Chat template: tokenizer_default, chatml, llama3, mistral, gemma, phi_3, qwen, ...",
+        "Chat template: " + ", ".join(CHAT_TEMPLATE_CHOICES) + ".",
     )
     chat_template_jinja: str | None = option(
         "datasets", None, "Custom Jinja chat template, as text or a path."
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        return _known_chat_template(value)
+
     default_system_message: str | None = option(
         "datasets", None, "System message added to conversations that have none."
     )
@@ -551,6 +555,15 @@ class FinetuneConfig(BaseModel):
         if self.eval_sample_packing is None:
             self.eval_sample_packing = self.sample_packing
         return self
+
+
+def _known_chat_template(value: str | None) -> str | None:
+    if value is not None and value not in CHAT_TEMPLATE_CHOICES:
+        raise ValueError(
+            f"unknown chat template {value!r}; choose one of: {', '.join(CHAT_TEMPLATE_CHOICES)} "
+            "(or give your own with chat_template_jinja)"
+        )
+    return value
 
 
 def _deepspeed_file_problem(path: str) -> str | None:

@@ -1,0 +1,1 @@
+"""Datasets: sources, prompt strategies, chat templates, tokenization, packing, the cache."""
