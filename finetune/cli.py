@@ -100,9 +100,25 @@ def preprocess(
 
 
 @app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
-def train(ctx: typer.Context, config: Path = CONFIG_ARG) -> None:
+def train(
+    ctx: typer.Context,
+    config: Path = CONFIG_ARG,
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the newest complete checkpoint in output_dir."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite a finished run in output_dir."),
+) -> None:
     """Preprocess if needed, load the model, attach the adapter and train."""
-    _not_built("train", 5)
+    from finetune.hardware import resolve_for_machine
+    from finetune.train import train as run_training
+
+    loaded = _load(config, ctx.args)
+    result = run_training(
+        resolve_for_machine(loaded.config), resume=resume, force=force, log=typer.echo
+    )
+    typer.echo(
+        f"done: {result.global_step} steps; adapter, tokenizer and logs in {result.output_dir}"
+    )
 
 
 @app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)

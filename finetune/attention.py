@@ -1,0 +1,60 @@
+"""Per-sample ("variable-length") SDPA for packed rows, registered with transformers.
+
+A packed row holds several samples. Masked SDPA over the whole row computes every score of the
+(row x row) matrix and throws most away; running SDPA once per sample computes only each
+sample's own (n x n) causal block, which is what makes packing pay on CPU. Registered through
+transformers' AttentionInterface (no monkeypatching); batches without sample boundaries (padded
+eval batches, generation) fall through to the stock SDPA path with its mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+VARLEN_SDPA = "finetune_varlen_sdpa"
+
+
+def varlen_sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA per sample of a packed row (`cu_seq_lens_q` gives the boundaries); else stock SDPA."""
+    boundaries = kwargs.get("cu_seq_lens_q")
+    if boundaries is None or query.shape[0] != 1:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    bounds = boundaries.tolist()
+    pieces = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=True,
+            enable_gqa=gqa,
+        )
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+        if end > start
+    ]
+    output = torch.cat(pieces, dim=2)  # (1, heads, tokens, head_dim)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> str:
+    """Make `attn_implementation=VARLEN_SDPA` available; the mask builder treats it as SDPA."""
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
+    return VARLEN_SDPA
