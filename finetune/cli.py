@@ -69,13 +69,6 @@ def _load(config: Path, overrides: list[str]):
     return loaded
 
 
-def _not_built(verb: str, issue: int) -> None:
-    typer.echo(
-        f"finetune {verb}: not built yet (tracked in issue #{issue}); nothing was done.", err=True
-    )
-    raise typer.Exit(1)
-
-
 @app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
 def preprocess(
     ctx: typer.Context,
@@ -122,15 +115,120 @@ def train(
 
 
 @app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
-def merge(ctx: typer.Context, config: Path = CONFIG_ARG) -> None:
-    """Fold the trained adapter into the base weights."""
-    _not_built("merge", 6)
+def merge(
+    ctx: typer.Context,
+    config: Path = CONFIG_ARG,
+    lora_model_dir: Path = typer.Option(
+        None, "--lora-model-dir", help="The adapter to merge [default: the config's output_dir]."
+    ),
+    output_dir: Path = typer.Option(
+        None, "--output-dir", help="Where the merged model goes [default: OUTPUT_DIR/merged]."
+    ),
+    dtype: str = typer.Option(
+        None, "--dtype", help="bf16, fp16 or fp32 [default: the base checkpoint's dtype]."
+    ),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    verify: bool = typer.Option(
+        None,
+        "--verify/--no-verify",
+        help="Compare the merged model's logits with base+adapter [default: when it fits in RAM].",
+        show_default=False,
+    ),
+    nf4_roundtrip: bool = typer.Option(
+        False,
+        "--nf4-roundtrip",
+        help="QLoRA: round the quantized layers through nf4 first, so the merged model computes "
+        "what training saw. Default: merge into the original full-precision weights, which are "
+        "slightly off from what the adapter was trained against, but keep the base's precision.",
+    ),
+) -> None:
+    """Fold the trained adapter into the base weights, shard by shard, in bounded memory."""
+    from finetune.merge import merge_adapter
+    from finetune.model import resolve_base_model, torch_dtype
+
+    loaded = _load(config, ctx.args).config
+    adapter = lora_model_dir or Path(loaded.output_dir)
+    compute = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[
+        str(torch_dtype(loaded)).removeprefix("torch.")
+    ]
+    report = merge_adapter(
+        resolve_base_model(loaded.base_model),
+        adapter,
+        output_dir or adapter / "merged",
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        force=force,
+        nf4_roundtrip=nf4_roundtrip,
+        nf4_compute_dtype=compute,
+        nf4_double_quant=loaded.bnb_config_kwargs.get("bnb_4bit_use_double_quant", True),
+        verify=verify,
+        revision=loaded.revision_of_model,
+        log=typer.echo,
+    )
+    typer.echo(f"merged model ({report.dtype}, {report.shards} shard(s)) in {report.output_dir}")
 
 
 @app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
-def inference(ctx: typer.Context, config: Path = CONFIG_ARG) -> None:
-    """Generate with the trained adapter, the merged model or the base."""
-    _not_built("inference", 7)
+def inference(
+    ctx: typer.Context,
+    config: Path = CONFIG_ARG,
+    prompt: str = typer.Option(None, "--prompt", help="Answer this prompt and exit."),
+    chat: bool = typer.Option(False, "--chat", help="An interactive chat that keeps history."),
+    merged: bool = typer.Option(False, "--merged", help="Use OUTPUT_DIR/merged (after merge)."),
+    base: bool = typer.Option(False, "--base", help="Use the untouched base model."),
+    system: str = typer.Option(None, "--system", help="A system message for every conversation."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+) -> None:
+    """Talk to the trained adapter (default), the merged model or the base.
+
+    With neither --prompt nor --chat, each line of standard input is one prompt.
+    """
+    from finetune.inference import chat_loop, generate_reply, load_for_inference
+    from finetune.model import resolve_base_model
+
+    loaded = _load(config, ctx.args).config
+    if merged and base:
+        raise typer.BadParameter("choose one of --merged and --base")
+    run_dir = Path(loaded.output_dir)
+    if merged:
+        model, tokenizer = load_for_inference(run_dir / "merged")
+    elif base:
+        model, tokenizer = load_for_inference(resolve_base_model(loaded.base_model))
+    else:
+        model, tokenizer = load_for_inference(resolve_base_model(loaded.base_model), run_dir)
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    head = [{"role": "system", "content": system}] if system else []
+
+    def stream(piece: str) -> None:
+        typer.echo(piece, nl=False)
+
+    if chat:
+        typer.echo("Chat: /reset clears the history, /exit quits.", err=True)
+        chat_loop(
+            model,
+            tokenizer,
+            read_line=_read_prompt_line,
+            write=lambda text: typer.echo(text, nl=False),
+            system_prompt=system,
+            **options,
+        )
+        return
+    prompts = [prompt] if prompt is not None else [line.rstrip("\n") for line in sys.stdin]
+    for text in (p for p in prompts if p.strip()):
+        generate_reply(
+            model, tokenizer, [*head, {"role": "user", "content": text}], stream=stream, **options
+        )
+        typer.echo("")
+
+
+def _read_prompt_line() -> str | None:
+    try:
+        return input("> " if sys.stdin.isatty() else "")
+    except EOFError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,13 +45,6 @@ def test_each_verb_has_help(verb):
     assert "CONFIG" in result.stdout.upper()
 
 
-@pytest.mark.parametrize("verb", ["preprocess", "train", "merge", "inference"])
-def test_unbuilt_verbs_say_so_and_fail(verb, config_file):
-    result = finetune(verb, str(config_file))
-    assert result.returncode != 0
-    assert "not built yet" in result.stderr
-
-
 def test_validate_prints_resolved_config_with_overrides(config_file):
     result = finetune("validate", str(config_file), "--learning-rate", "1e-4", "--max-steps=5")
     assert result.returncode == 0, result.stderr
