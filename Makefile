@@ -44,9 +44,14 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
+# Fine-tune the embedded SmolLM2-135M-Instruct on 32 facts it cannot know, merge the adapter,
+# and show the base vs fine-tuned answers to new phrasings of those facts. Re-running replaces
+# the previous quickstart run (--force).
 quickstart: $(STAMP)
-	$(BIN)/finetune validate examples/configs/quickstart.yaml
-	$(BIN)/finetune train examples/configs/quickstart.yaml
+	$(BIN)/finetune train examples/configs/quickstart.yaml --force
+	$(BIN)/finetune merge examples/configs/quickstart.yaml --force
+	$(BIN)/python -m finetune.quickstart examples/configs/quickstart.yaml \
+		--trained data/samples/quickstart_facts.jsonl
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -72,9 +72,11 @@ def score(replies: list[str], questions: list[Question]) -> float:
     return sum(correct(r, q) for r, q in zip(replies, questions, strict=True)) / len(questions)
 
 
-def _clip(text: str, width: int) -> str:
+def _clip(text: str, width: int, keep_end: bool = False) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1) :] if keep_end else text[: width - 1] + "…"
 
 
 def print_table(questions: list[Question], before: list[str], after: list[str]) -> None:
@@ -84,8 +86,9 @@ def print_table(questions: list[Question], before: list[str], after: list[str]) 
     for q, b, a in zip(questions, before, after, strict=True):
         mark_b, mark_a = ("✓" if correct(b, q) else "✗"), ("✓" if correct(a, q) else "✗")
         print(
-            f"{_clip(q.text, 44):<44} | {mark_b} {_clip(b, width - 2):<{width - 2}} | "
-            f"{mark_a} {_clip(a, width - 2):<{width - 2}}"
+            # Answers restate the question first; their ends hold the facts.
+            f"{_clip(q.text, 44):<44} | {mark_b} {_clip(b, width - 2, True):<{width - 2}} | "
+            f"{mark_a} {_clip(a, width - 2, True):<{width - 2}}"
         )
 
 
