@@ -788,7 +788,7 @@ def refuse_occupied_target(target: Path, force: bool) -> None:
         raise MergeError(f"{target}: exists and is not a folder; choose another output folder")
     if target.is_dir() and any(target.iterdir()) and not force:
         raise MergeError(
-            f"{target}: folder is not empty; pass force to replace it, or choose another folder"
+            f"{target}: folder is not empty; pass --force to replace it, or choose another folder"
         )
 
 

@@ -35,6 +35,49 @@ def model_source(name: str) -> tuple[str, dict]:
     return name, {}
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def check_base_model(config: FinetuneConfig) -> None:
+    """Fail before any work when `base_model` cannot possibly load: a folder without weights,
+    a `.gguf` that is not GGUF, a Hub id that is not cached while offline."""
+    import os
+
+    name = resolve_base_model(config.base_model)
+    path = Path(name)
+    if path.suffix == ".gguf":
+        try:
+            with open(path, "rb") as handle:
+                magic = handle.read(4)
+        except OSError as exc:
+            raise ModelLoadError(f"base_model: cannot read {path}: {exc.strerror}") from None
+        if magic != b"GGUF":
+            raise ModelLoadError(
+                f"base_model: {path} is not a GGUF file (it does not start with GGUF)"
+            )
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"base_model: {path} has no config.json; is it a model folder?")
+        if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+            raise ModelLoadError(
+                f"base_model: {path} has no weights (*.safetensors or *.bin); copy them there"
+            )
+    elif path.exists():
+        raise ModelLoadError(f"base_model: {path} is a file; give a model folder or a .gguf file")
+    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name, "config.json", revision=config.revision_of_model)
+        except Exception:  # an id the hub client rejects is not cached either
+            cached = None
+        if not isinstance(cached, str):
+            raise ModelLoadError(
+                f"base_model: {name} is not a local folder and not in the Hugging Face cache, "
+                "and HF_HUB_OFFLINE is set; download it first or point base_model at a folder"
+            )
+
+
 def load_tokenizer(config: FinetuneConfig):
     """The run's tokenizer: special tokens and added tokens applied, a pad token guaranteed."""
     from transformers import AutoTokenizer

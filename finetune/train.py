@@ -7,12 +7,15 @@ checkpoint-N/ folders while training.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,11 +146,17 @@ def train(
     """Train the adapter described by `config`; returns where it was written."""
     from finetune.attention import register_attention
     from finetune.data.prepare import format_summary, prepare_datasets
-    from finetune.model import check_combinations_for_machine, load_model, load_tokenizer
+    from finetune.model import (
+        check_base_model,
+        check_combinations_for_machine,
+        load_model,
+        load_tokenizer,
+    )
 
     if int(os.environ.get("RANK", "0")) != 0:
         log = _silent  # one process speaks for all
     check_combinations_for_machine(config)
+    check_base_model(config)
     output_dir = Path(config.output_dir)
     checkpoint = _checkpoint_to_resume(config, output_dir, resume, force)
     _set_rendezvous_for_single_process(config)
@@ -212,8 +221,7 @@ def train(
     callbacks = list(callbacks or [])
     if args.process_index == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:  # a fresh run starts a fresh log; a resumed one appends
-            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        _start_metrics_log(output_dir / "metrics.jsonl", checkpoint)
         callbacks.append(MetricsFile(output_dir / "metrics.jsonl"))
     if config.early_stopping_patience:
         from transformers import EarlyStoppingCallback
@@ -233,11 +241,21 @@ def train(
         eval_collate=lambda s: collate(s, config.eval_sample_packing),
     )
     try:
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with _sigterm_as_interrupt():
+            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
         _save_on_interrupt(trainer, output_dir, log)
         raise
-    trainer.save_model(str(output_dir))  # every rank: ZeRO-3 gathers the weights to save
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        kept = complete_checkpoints(output_dir)
+        raise TrainingError(
+            f"disk full while writing to {output_dir} at step {trainer.state.global_step}; "
+            f"free some space and continue with --resume (last complete checkpoint: "
+            f"{kept[-1].name if kept else 'none'})"
+        ) from None
+    _save_final(trainer, output_dir)
     if trainer.is_world_process_zero():
         _write_outputs(tokenizer, config, output_dir)
     return TrainResult(
@@ -409,6 +427,50 @@ def _checkpoint_to_resume(
             "--resume, or pass --force to start over"
         )
     return None
+
+
+def _start_metrics_log(path: Path, checkpoint: Path | None) -> None:
+    """A fresh run starts a fresh log; a resumed one keeps the records up to its checkpoint, so
+    the steps replayed after it are not logged twice."""
+    if checkpoint is None or not path.is_file():
+        path.unlink(missing_ok=True)
+        return
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    kept = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop, `kill`) saves and exits like Ctrl-C does."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _save_final(trainer: FinetuneTrainer, output_dir: Path) -> None:
+    """Save the adapter next to the output, then move its files in; the weights file, the mark
+    of a finished run, arrives last, so an interrupted save never looks finished."""
+    staging = output_dir / ".final-tmp"
+    trainer.save_model(str(staging))  # every rank: ZeRO-3 gathers the weights to save
+    if not trainer.is_world_process_zero():
+        return
+    files = sorted(staging.iterdir(), key=lambda p: p.name == FINAL_ADAPTER)
+    for file in files:
+        os.replace(file, output_dir / file.name)
+    staging.rmdir()
 
 
 def _save_on_interrupt(trainer: FinetuneTrainer, output_dir: Path, log) -> None:

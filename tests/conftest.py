@@ -43,3 +43,11 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     LlamaForCausalLM(config).save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
     return folder
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how large the bad-input corpus is (tests/test_bad_inputs.py runs every case)."""
+    from pathlib import Path
+
+    cases = list((Path(__file__).parent / "bad_inputs").glob("*.yaml"))
+    terminalreporter.write_line(f"bad-input corpus: {len(cases)} cases")

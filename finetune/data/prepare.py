@@ -72,13 +72,22 @@ def prepare_datasets(
     key = cache_key(config, tokenizer, templates)
     root = Path(config.dataset_prepared_path)
     target = root / key
+    created_root = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f"{key}.lock"):
-        if (target / "summary.json").is_file():
-            prepared = _load(target, from_cache=True)
-            log(f"Using the prepared data in {target} (inputs unchanged).")
-        else:
-            prepared = _build(config, tokenizer, templates, target, log)
+    lock = root / f"{key}.lock"
+    try:
+        with _locked(lock):
+            if (target / "summary.json").is_file():
+                prepared = _load(target, from_cache=True)
+                log(f"Using the prepared data in {target} (inputs unchanged).")
+            else:
+                prepared = _build(config, tokenizer, templates, target, log)
+    except BaseException:
+        # Bad input leaves nothing behind: not even the folder this run created for the cache.
+        if created_root and [p.name for p in root.iterdir()] == [lock.name]:
+            lock.unlink()
+            root.rmdir()
+        raise
     # The template the run trains with: the config's, else the (single) one the datasets used.
     used = {t for t in templates if t}
     prepared.chat_template = global_template or (used.pop() if len(used) == 1 else None)

@@ -182,7 +182,7 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
 
 
 def _load_hub(dataset: DatasetConfig) -> datasets.Dataset:
-    if not HUB_ID.match(dataset.path):
+    if not HUB_ID.match(dataset.path) or Path(dataset.path).suffix in EXTENSIONS:
         raise DataSourceError(f"{dataset.path}: no such file or folder")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:

@@ -313,6 +313,8 @@ SAMPLE_DATASETS = {
         "field_messages": "conversations",
         "message_property_mappings": {"role": "from", "content": "value"},
     },
+    "quickstart_facts.jsonl": {"type": "chat_template"},
+    "quickstart_heldout.jsonl": {"type": "chat_template"},
     "custom_format.jsonl": {
         "type": {
             "field_instruction": "task",
@@ -354,7 +356,7 @@ def test_preprocess_cli_on_every_sample(tmp_path, smollm2_dir):
     assert result.returncode == 0, result.stderr
     for index, name in enumerate(SAMPLE_DATASETS):
         assert f"datasets[{index}] {SAMPLES / name}" in result.stdout
-    assert "rows read 20, kept 20" in result.stdout
+    assert "rows read 212, kept 212" in result.stdout
     assert "⟦" in result.stdout  # the --debug mask view marks trained runs
 
 
