@@ -9,7 +9,7 @@ Same synthetic Alpaca data (bench/make_data.py), same number of optimizer steps 
 warm-up step; reports trained tokens/s (tokens whose label is trained), padding fraction and
 packing efficiency, and peak RSS of each run.
 
-    python bench/train_throughput.py [--steps 6] [--markdown]
+    python bench/train_throughput.py [--steps 4] [--markdown]
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def markdown(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,6 +89,15 @@ def preprocess(
     tokenizer = load_tokenizer(loaded.config)
     prepared = prepare_datasets(loaded.config, tokenizer, log=typer.echo)
     typer.echo(format_summary(prepared.summary))
+    if loaded.config.sample_packing:
+        from finetune.data.packing import pack_into_bins, packing_efficiency
+
+        lengths, capacity = prepared.train["length"], loaded.config.sequence_len
+        bins = pack_into_bins(lengths, capacity, loaded.config.seed)
+        typer.echo(
+            f"packing: {len(bins)} rows of {capacity} tokens, efficiency "
+            f"{packing_efficiency(lengths, bins, capacity):.3f} (real tokens / token slots)"
+        )
     if ctx.find_root().params.get("debug"):
         show_label_mask(prepared.train, tokenizer, debug_num_examples, Console())
 
@@ -100,18 +110,24 @@ def train(
         False, "--resume", help="Continue from the newest complete checkpoint in output_dir."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite a finished run in output_dir."),
+    num_processes: int = typer.Option(
+        None, "--num-processes", min=1, help="Re-launch through `accelerate launch` on N processes."
+    ),
 ) -> None:
     """Preprocess if needed, load the model, attach the adapter and train."""
     from finetune.hardware import resolve_for_machine
     from finetune.train import train as run_training
 
     loaded = _load(config, ctx.args)
+    if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_relaunch(num_processes))
     result = run_training(
         resolve_for_machine(loaded.config), resume=resume, force=force, log=typer.echo
     )
-    typer.echo(
-        f"done: {result.global_step} steps; adapter, tokenizer and logs in {result.output_dir}"
-    )
+    if int(os.environ.get("RANK", "0")) == 0:  # one process speaks for all
+        typer.echo(
+            f"done: {result.global_step} steps; adapter, tokenizer and logs in {result.output_dir}"
+        )
 
 
 @app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
@@ -222,6 +238,27 @@ def inference(
             model, tokenizer, [*head, {"role": "user", "content": text}], stream=stream, **options
         )
         typer.echo("")
+
+
+def _relaunch(num_processes: int) -> int:
+    """Run this same command under `accelerate launch` with N processes; its exit code."""
+    import subprocess
+
+    import torch
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:  # drop --num-processes N / --num-processes=N
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            args.append(arg)
+    device = ["--multi_gpu"] if torch.cuda.device_count() > 1 else ["--cpu"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *device]
+    command += ["--num_processes", str(num_processes), "-m", "finetune", *args]
+    typer.echo("launching: " + " ".join(command), err=True)
+    return subprocess.call(command)
 
 
 def _read_prompt_line() -> str | None:

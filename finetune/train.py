@@ -73,6 +73,9 @@ class FinetuneTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._tokens_since_log = 0
         self._last_log_time = time.perf_counter()
+        self._first_loss: float | None = None
+        self._warned_explosion = False
+        self.say: Callable[[str], None] = print
 
     def get_train_dataloader(self) -> DataLoader:
         # The plan already gives this rank its own batches, so the loader is not re-sharded.
@@ -110,13 +113,31 @@ class FinetuneTrainer(Trainer):
             tokens = self._tokens_since_log * self.accelerator.num_processes
             logs["tokens_per_second"] = round(tokens / max(now - self._last_log_time, 1e-9), 1)
             self._tokens_since_log, self._last_log_time = 0, now
+            if self._first_loss is None:
+                self._first_loss = logs["loss"]
+                if self.train_plan.efficiency is not None:
+                    logs["packing_efficiency"] = round(self.train_plan.efficiency, 4)
+            elif logs["loss"] > 3 * self._first_loss and not self._warned_explosion:
+                self._warned_explosion = True
+                self.say(
+                    f"warning: the loss exploded from {self._first_loss:.3g} to "
+                    f"{logs['loss']:.3g} at step {self.state.global_step}; learning_rate "
+                    f"{self.args.learning_rate:g} is probably too high"
+                )
         super().log(logs, start_time)
 
 
 class MetricsFile(TrainerCallback):
     """metrics.jsonl: one JSON object per logged step (main process only)."""
 
-    KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "eval_loss")
+    KEYS = (
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "eval_loss",
+        "packing_efficiency",
+    )
 
     def __init__(self, path: Path):
         self.path = path
@@ -240,6 +261,7 @@ def train(
         collate=lambda s: collate(s, config.sample_packing),
         eval_collate=lambda s: collate(s, config.eval_sample_packing),
     )
+    trainer.say = log
     try:
         with _sigterm_as_interrupt():
             output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

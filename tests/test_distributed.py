@@ -129,3 +129,15 @@ def test_two_nodes_over_loopback(tmp_path, tiny_model_dir, reference):
     outputs = [node.communicate(timeout=900)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert_same_adapter(tmp_path / "out", reference)
+
+
+def test_deepspeed_in_one_process_without_a_launcher(tmp_path, tiny_model_dir, reference):
+    config = write_config(
+        tmp_path,
+        tiny_model_dir,
+        tmp_path / "prepared",
+        micro_batch_size=2,
+        deepspeed=str(ROOT / "deepspeed_configs" / "zero2.json"),
+    )
+    run([sys.executable, "-m", "finetune", "train", str(config)], tmp_path)
+    assert_same_adapter(tmp_path / "out", reference)

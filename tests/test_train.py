@@ -243,3 +243,46 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_checkpoint(tmp_path, tiny_mod
     assert (output / "checkpoint-2" / "trainer_state.json").is_file()
     good = load_file(output / "checkpoint-2" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in good.values())
+
+
+def test_evaluation_and_packing_efficiency_are_logged(tmp_path, tiny_model_dir):
+    datasets = [{"path": str(SAMPLES / "quickstart_facts.jsonl"), "type": "chat_template"}]
+    config = make_config(
+        tmp_path,
+        tiny_model_dir,
+        datasets=datasets,
+        val_set_size=0.1,
+        evals_per_epoch=2,
+        sample_packing=True,
+        sequence_len=256,
+        max_steps=None,
+        num_epochs=1,
+    )
+    result = train(config, **QUIET)
+    records = metrics(result.output_dir)
+    evals = [r for r in records if "eval_loss" in r]
+    assert len(evals) >= 2 and all(r["eval_loss"] > 0 for r in evals)
+    assert 0.8 < records[0]["packing_efficiency"] <= 1.0
+
+
+def test_disk_full_while_saving_names_the_last_good_checkpoint(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    import errno
+
+    real_save = torch.save
+
+    def fill_disk_on_second_checkpoint(obj, target, *args, **kwargs):
+        # The disk fills up while the Trainer writes checkpoint-4's optimizer state.
+        if "checkpoint-4" in str(target):
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real_save(obj, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fill_disk_on_second_checkpoint)
+    config = make_config(tmp_path, tiny_model_dir, max_steps=6, save_steps=2)
+    with pytest.raises(
+        TrainingError, match=r"disk full .*\(last complete checkpoint: checkpoint-2\)"
+    ):
+        train(config, **QUIET)
+    good = Path(config.output_dir) / "checkpoint-2"
+    assert load_file(good / "adapter_model.safetensors")
