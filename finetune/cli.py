@@ -111,7 +111,10 @@ def train(
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite a finished run in output_dir."),
     num_processes: int = typer.Option(
-        None, "--num-processes", min=1, help="Re-launch through `accelerate launch` on N processes."
+        None,
+        "--num-processes",
+        min=1,
+        help="Re-launch on N processes (accelerate launch; torchrun on CPU).",
     ),
 ) -> None:
     """Preprocess if needed, load the model, attach the adapter and train."""
@@ -241,7 +244,8 @@ def inference(
 
 
 def _relaunch(num_processes: int) -> int:
-    """Run this same command under `accelerate launch` with N processes; its exit code."""
+    """Run this same command on N processes (accelerate on GPUs, torchrun on CPU); its exit
+    code."""
     import subprocess
 
     import torch
@@ -254,9 +258,13 @@ def _relaunch(num_processes: int) -> int:
             skip = True
         elif not arg.startswith("--num-processes="):
             args.append(arg)
-    device = ["--multi_gpu"] if torch.cuda.device_count() > 1 else ["--cpu"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *device]
-    command += ["--num_processes", str(num_processes), "-m", "finetune", *args]
+    if torch.cuda.is_available():
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+        command += ["--num_processes", str(num_processes)]
+    else:  # accelerate starts several CPU processes only through MPI; torchrun needs nothing
+        command = [sys.executable, "-m", "torch.distributed.run"]
+        command += ["--nproc_per_node", str(num_processes)]
+    command += ["-m", "finetune", *args]
     typer.echo("launching: " + " ".join(command), err=True)
     return subprocess.call(command)
 

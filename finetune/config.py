@@ -282,7 +282,10 @@ class FinetuneConfig(BaseModel):
         "datasets", "last_run_prepared", "Folder for the tokenized dataset cache."
     )
     dataset_processes: int | None = option(
-        "datasets", None, "Processes for tokenizing (default: number of cores).", ge=1
+        "datasets",
+        None,
+        "Threads the fast tokenizer uses in preprocessing (default: all cores).",
+        ge=1,
     )
     shuffle_merged_datasets: bool = option(
         "datasets", True, "Shuffle after concatenating the datasets."

@@ -141,3 +141,9 @@ def test_deepspeed_in_one_process_without_a_launcher(tmp_path, tiny_model_dir, r
     )
     run([sys.executable, "-m", "finetune", "train", str(config)], tmp_path)
     assert_same_adapter(tmp_path / "out", reference)
+
+
+def test_num_processes_relaunches_itself(tmp_path, tiny_model_dir, reference):
+    config = write_config(tmp_path, tiny_model_dir, tmp_path / "prepared")
+    run([sys.executable, "-m", "finetune", "train", str(config), "--num-processes", "2"], tmp_path)
+    assert_same_adapter(tmp_path / "out", reference)

@@ -65,6 +65,9 @@ def prepare_datasets(
 ) -> PreparedData:
     """Prepared train (and eval) data: from the cache when every input is unchanged."""
     datasets.disable_progress_bars()
+    if config.dataset_processes:
+        # The Rust tokenizer batches rows over a rayon thread pool, sized when first used.
+        os.environ["RAYON_NUM_THREADS"] = str(config.dataset_processes)
     templates = [_template_for(d, config, tokenizer) for d in _all_datasets(config)]
     global_template = chat_templates.resolve_chat_template(
         config.chat_template, config.chat_template_jinja, tokenizer
