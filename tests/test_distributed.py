@@ -147,3 +147,25 @@ def test_num_processes_relaunches_itself(tmp_path, tiny_model_dir, reference):
     config = write_config(tmp_path, tiny_model_dir, tmp_path / "prepared")
     run([sys.executable, "-m", "finetune", "train", str(config), "--num-processes", "2"], tmp_path)
     assert_same_adapter(tmp_path / "out", reference)
+
+
+def test_qlora_under_zero3_with_two_processes(tmp_path, tiny_model_dir, reference):
+    """4-bit weights stored in the compute dtype can be sharded by ZeRO-3."""
+    config = write_config(
+        tmp_path,
+        tiny_model_dir,
+        tmp_path / "prepared",
+        adapter="qlora",
+        load_in_4bit=True,
+        deepspeed=str(ROOT / "deepspeed_configs" / "zero3.json"),
+    )
+    port = str(free_port())
+    run(
+        torchrun(
+            "--nproc_per_node", "2", "--master_port", port, "-m", "finetune", "train", str(config)
+        ),
+        tmp_path,
+    )
+    trained = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert trained.keys() == reference.keys()
+    assert all(trained[k].abs().max() > 0 for k in trained if "lora_B" in k)  # B started at 0
