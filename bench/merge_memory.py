@@ -170,6 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="where to put ~8 GB")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument("--markdown", action="store_true", help="(the report is markdown anyway)")
     args = parser.parse_args()
     if not Path("/usr/bin/time").exists():
         sys.exit("needs GNU time: apt-get update && apt-get install -y time")
@@ -194,7 +195,7 @@ def main() -> None:
     time_ok = "yes" if merge_seconds <= copy_seconds else "NO"
     print(
         f"""
-### Merge memory benchmark
+## Merge memory (`bench/merge_memory.py`)
 
 {total / 1e9:.2f} GB fp32 Llama-style checkpoint ({MODEL_SHAPE["num_hidden_layers"]} layers, \
 hidden {MODEL_SHAPE["hidden_size"]}) in {shards} shards of <= {SHARD_BYTES / 1e6:.0f} MB, LoRA \

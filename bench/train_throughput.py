@@ -61,7 +61,7 @@ def finetune_run(
     rates = [r["tokens_per_second"] for r in records if "tokens_per_second" in r][1:]
     efficiency = None
     for line in stdout.splitlines():
-        if "efficiency" in line:
+        if line.startswith("packing:"):
             efficiency = float(line.rsplit("efficiency", 1)[1].split()[0])
     return {
         "tokens_per_s": sum(rates) / len(rates),

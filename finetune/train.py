@@ -178,6 +178,7 @@ def train(
         log = _silent  # one process speaks for all
     check_combinations_for_machine(config)
     check_base_model(config)
+    _check_reporter_packages(config)
     output_dir = Path(config.output_dir)
     checkpoint = _checkpoint_to_resume(config, output_dir, resume, force)
     _set_rendezvous_for_single_process(config)
@@ -385,6 +386,19 @@ def _reporters(config: FinetuneConfig) -> list[str]:
             os.environ["MLFLOW_EXPERIMENT_NAME"] = config.mlflow_experiment_name
         report.append("mlflow")
     return report or ["none"]
+
+
+def _check_reporter_packages(config: FinetuneConfig) -> None:
+    """A reporter whose package is missing fails now, not after the data and model loaded."""
+    import importlib.util
+
+    for key, package in (
+        ("use_tensorboard", "tensorboard"),
+        ("wandb_project", "wandb"),
+        ("mlflow_tracking_uri", "mlflow"),
+    ):
+        if getattr(config, key) and importlib.util.find_spec(package) is None:
+            raise TrainingError(f"{key} needs the {package} package: pip install {package}")
 
 
 def _set_rendezvous_for_single_process(config: FinetuneConfig) -> None:
