@@ -200,28 +200,7 @@ def train(
         model = attach_adapter(model, config, log=log)
 
     args = _training_arguments(config, output_dir, steps=1)  # sets up the distributed state
-    rank, world = args.process_index, args.world_size
-    train_plan = BatchPlan(
-        prepared.train["length"],
-        config.micro_batch_size,
-        config.sequence_len,
-        packed=config.sample_packing,
-        seed=config.seed,
-        rank=rank,
-        world_size=world,
-    )
-    eval_plan = None
-    if prepared.eval is not None:
-        eval_plan = BatchPlan(
-            prepared.eval["length"],
-            config.eval_batch_size or config.micro_batch_size,
-            config.sequence_len,
-            packed=config.eval_sample_packing,
-            seed=config.seed,
-            shuffle=False,
-            rank=rank,
-            world_size=world,
-        )
+    train_plan, eval_plan = _batch_plans(config, prepared, args.process_index, args.world_size)
     steps = steps_per_epoch(train_plan, config.gradient_accumulation_steps)
     args = _training_arguments(config, output_dir, steps=steps, has_eval=eval_plan is not None)
     if train_plan.efficiency is not None:
@@ -229,16 +208,7 @@ def train(
             f"packing: {len(train_plan.groups)} rows of {config.sequence_len} tokens, "
             f"efficiency {train_plan.efficiency:.3f} (real tokens / token slots)"
         )
-    log(f"{steps} optimizer steps per epoch, {world} process(es)")
-
-    pad_id = tokenizer.pad_token_id
-    pad_to = config.sequence_len if config.pad_to_sequence_len else None
-
-    def collate(samples, packed):
-        if packed:
-            width = pad_to * config.micro_batch_size if pad_to else None
-            return collate_packed(samples, pad_id, width)
-        return collate_padded(samples, pad_id, pad_to)
+    log(f"{steps} optimizer steps per epoch, {args.world_size} process(es)")
 
     callbacks = list(callbacks or [])
     if args.process_index == 0:
@@ -259,8 +229,8 @@ def train(
         callbacks=callbacks,
         train_plan=train_plan,
         eval_plan=eval_plan,
-        collate=lambda s: collate(s, config.sample_packing),
-        eval_collate=lambda s: collate(s, config.eval_sample_packing),
+        collate=_collator(config, tokenizer.pad_token_id, config.sample_packing),
+        eval_collate=_collator(config, tokenizer.pad_token_id, config.eval_sample_packing),
     )
     trainer.say = log
     try:
@@ -287,6 +257,41 @@ def train(
         final_loss=output.training_loss,
         model=trainer.model,
     )
+
+
+def _batch_plans(config: FinetuneConfig, prepared, rank: int, world: int):
+    """This rank's training batches and (when there is eval data) eval batches."""
+    train_plan = BatchPlan(
+        prepared.train["length"],
+        config.micro_batch_size,
+        config.sequence_len,
+        packed=config.sample_packing,
+        seed=config.seed,
+        rank=rank,
+        world_size=world,
+    )
+    eval_plan = None
+    if prepared.eval is not None:
+        eval_plan = BatchPlan(
+            prepared.eval["length"],
+            config.eval_batch_size or config.micro_batch_size,
+            config.sequence_len,
+            packed=config.eval_sample_packing,
+            seed=config.seed,
+            shuffle=False,
+            rank=rank,
+            world_size=world,
+        )
+    return train_plan, eval_plan
+
+
+def _collator(config: FinetuneConfig, pad_id: int, packed: bool) -> Callable:
+    """Samples -> one packed row, or a padded batch (to `sequence_len` with pad_to_sequence_len)."""
+    pad_to = config.sequence_len if config.pad_to_sequence_len else None
+    if packed:
+        width = pad_to * config.micro_batch_size if pad_to else None
+        return lambda samples: collate_packed(samples, pad_id, width)
+    return lambda samples: collate_padded(samples, pad_id, pad_to)
 
 
 def _silent(message: str) -> None:
