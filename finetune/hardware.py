@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from functools import cache
 from pathlib import Path
 
@@ -46,6 +45,7 @@ def machine_warnings(config: FinetuneConfig) -> list[str]:
     if config.fsdp or config.fsdp_config:
         warnings.append("fsdp: not supported by finetune yet; `train` refuses it, use deepspeed")
     from finetune.embedded import embedded_model_path
+    from finetune.model import hub_offline, in_hub_cache
 
     base = Path(config.base_model).expanduser()
     if base == embedded_model_path() and not base.exists():
@@ -53,21 +53,11 @@ def machine_warnings(config: FinetuneConfig) -> list[str]:
             "base_model: the embedded SmolLM2-135M-Instruct is converted from its wheel into "
             f"{base} on first use"
         )
-    elif not base.exists() and not _in_hub_cache(config.base_model):
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    elif not base.exists() and not in_hub_cache(config.base_model):
         where = (
             "HF_HUB_OFFLINE is set, so `train` cannot fetch it"
-            if offline
-            else ("`train` will download it from the Hugging Face Hub")
+            if hub_offline()
+            else "`train` will download it from the Hugging Face Hub"
         )
         warnings.append(f"base_model: {config.base_model} is not on this machine; {where}")
     return warnings
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # not a valid repo id: certainly not cached
-        return False

@@ -35,13 +35,29 @@ def model_source(name: str) -> tuple[str, dict]:
     return name, {}
 
 
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE forbids the Hugging Face Hub."""
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def in_hub_cache(repo_id: str, revision: str | None = None) -> bool:
+    """True when the Hub repo's config.json is already in the local cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except Exception:  # an id the hub client rejects is certainly not cached
+        return False
+
+
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
 def check_base_model(config: FinetuneConfig) -> None:
     """Fail before any work when `base_model` cannot possibly load: a folder without weights,
     a `.gguf` that is not GGUF, a Hub id that is not cached while offline."""
-    import os
 
     name = resolve_base_model(config.base_model)
     path = Path(name)
@@ -64,18 +80,11 @@ def check_base_model(config: FinetuneConfig) -> None:
             )
     elif path.exists():
         raise ModelLoadError(f"base_model: {path} is a file; give a model folder or a .gguf file")
-    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(name, "config.json", revision=config.revision_of_model)
-        except Exception:  # an id the hub client rejects is not cached either
-            cached = None
-        if not isinstance(cached, str):
-            raise ModelLoadError(
-                f"base_model: {name} is not a local folder and not in the Hugging Face cache, "
-                "and HF_HUB_OFFLINE is set; download it first or point base_model at a folder"
-            )
+    elif hub_offline() and not in_hub_cache(name, config.revision_of_model):
+        raise ModelLoadError(
+            f"base_model: {name} is not a local folder and not in the Hugging Face cache, "
+            "and HF_HUB_OFFLINE is set; download it first or point base_model at a folder"
+        )
 
 
 def load_tokenizer(config: FinetuneConfig):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pyarrow as pa
 
 from finetune.config import DatasetConfig
 from finetune.errors import FinetuneError
+from finetune.model import hub_offline
 
 EXTENSIONS = {
     ".json": "json",
@@ -184,7 +184,6 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
 def _load_hub(dataset: DatasetConfig) -> datasets.Dataset:
     if not HUB_ID.match(dataset.path) or Path(dataset.path).suffix in EXTENSIONS:
         raise DataSourceError(f"{dataset.path}: no such file or folder")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         return datasets.load_dataset(
             dataset.path,
@@ -194,7 +193,7 @@ def _load_hub(dataset: DatasetConfig) -> datasets.Dataset:
             data_files=dataset.data_files,
         )
     except Exception as exc:  # the Hub client raises many kinds; all mean "could not get it"
-        reason = "HF_HUB_OFFLINE is set" if offline else f"{type(exc).__name__}: {exc}"
+        reason = "HF_HUB_OFFLINE is set" if hub_offline() else f"{type(exc).__name__}: {exc}"
         raise DataSourceError(
             f"{dataset.path}: not a local file or folder, and it could not be loaded from the "
             f"Hugging Face Hub ({reason}). Check the path, or download the dataset first."
