@@ -411,12 +411,20 @@ def _set_rendezvous_for_single_process(config: FinetuneConfig) -> None:
     (else it asks for mpi4py)."""
     if not config.deepspeed or "RANK" in os.environ:
         return
+    os.environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+        return probe.getsockname()[1]
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:

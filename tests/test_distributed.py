@@ -4,7 +4,6 @@ loopback each train the same adapter as one process does with the same global ba
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from finetune.train import free_port
 
 ROOT = Path(__file__).parents[1]
 SAMPLES = ROOT / "data" / "samples"
@@ -41,12 +42,6 @@ def write_config(folder: Path, model_dir: Path, prepared: Path, **options) -> Pa
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run(command: list[str], cwd: Path) -> None:

@@ -15,7 +15,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -57,7 +57,6 @@ class PreparedData:
     summary: dict
     from_cache: bool
     chat_template: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def prepare_datasets(
