@@ -54,6 +54,16 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
+def train_on_two_processes(config: Path, cwd: Path) -> None:
+    port = str(free_port())
+    run(
+        torchrun(
+            "--nproc_per_node", "2", "--master_port", port, "-m", "finetune", "train", str(config)
+        ),
+        cwd,
+    )
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
     """One process, two samples per step: what every multi-process run must reproduce."""
@@ -79,13 +89,7 @@ def assert_same_adapter(output: Path, reference: dict) -> None:
 def test_two_processes_train_the_same_adapter(tmp_path, tiny_model_dir, reference, deepspeed):
     options = {"deepspeed": str(ROOT / "deepspeed_configs" / deepspeed)} if deepspeed else {}
     config = write_config(tmp_path, tiny_model_dir, tmp_path / "prepared", **options)
-    port = str(free_port())
-    run(
-        torchrun(
-            "--nproc_per_node", "2", "--master_port", port, "-m", "finetune", "train", str(config)
-        ),
-        tmp_path,
-    )
+    train_on_two_processes(config, tmp_path)
     assert_same_adapter(tmp_path / "out", reference)
 
 
@@ -154,13 +158,7 @@ def test_qlora_under_zero3_with_two_processes(tmp_path, tiny_model_dir, referenc
         load_in_4bit=True,
         deepspeed=str(ROOT / "deepspeed_configs" / "zero3.json"),
     )
-    port = str(free_port())
-    run(
-        torchrun(
-            "--nproc_per_node", "2", "--master_port", port, "-m", "finetune", "train", str(config)
-        ),
-        tmp_path,
-    )
+    train_on_two_processes(config, tmp_path)
     trained = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert trained.keys() == reference.keys()
     assert all(trained[k].abs().max() > 0 for k in trained if "lora_B" in k)  # B started at 0
