@@ -36,21 +36,24 @@ def varlen_sdpa_forward(
         )
     gqa = getattr(module, "num_key_value_groups", 1) > 1
     bounds = boundaries.tolist()
-    pieces = [
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    # split (not one slice per sample): its backward is one cat, where each slice's backward
+    # would allocate and zero a gradient of the whole row.
+    pieces = (
         F.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            dropout_p=dropout,
-            scale=scaling,
-            is_causal=True,
-            enable_gqa=gqa,
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa
         )
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
-        if end > start
-    ]
-    output = torch.cat(pieces, dim=2)  # (1, heads, tokens, head_dim)
-    return output.transpose(1, 2).contiguous(), None
+        for q, k, v in zip(
+            query.split(lengths, dim=2),
+            key.split(lengths, dim=2),
+            value.split(lengths, dim=2),
+            strict=True,
+        )
+        if q.shape[2]
+    )
+    # Straight into the (1, tokens, heads, head_dim) layout the caller wants: one copy, not a
+    # cat followed by a transposing copy.
+    return torch.cat([piece.transpose(1, 2) for piece in pieces], dim=1), None
 
 
 def register_attention() -> str:
