@@ -61,3 +61,40 @@ def machine_warnings(config: FinetuneConfig) -> list[str]:
         )
         warnings.append(f"base_model: {config.base_model} is not on this machine; {where}")
     return warnings
+
+
+# mallopt parameters from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEEP_UP_TO = 2**31 - 1  # mallopt takes a C int: keep up to 2 GiB
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """CPU training: let glibc keep memory a step freed, for the next step, instead of handing
+    it back to the OS.
+
+    glibc serves allocations above its mmap threshold (32 MB at most) with fresh mappings and
+    returns a free heap top to the OS, so a training step, which allocates and frees the same
+    large activations every time, page-faults all of them in again: on SmolLM2-135M with
+    2048-token rows, ~230k faults and 1.5-2.5 s of system time per 11-13 s step. With both
+    thresholds raised, steps after the first few fault almost nothing. The process keeps its peak
+    memory until it exits instead of giving it back between steps; the peak itself is
+    unchanged. Skipped on GPUs, without glibc, and when the user tunes malloc through
+    GLIBC_TUNABLES or MALLOC_* variables. Returns whether it was applied.
+    """
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or cuda_available():
+        return False
+    if "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(
+        name.startswith("MALLOC_") for name in os.environ
+    ):
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc only (not musl)
+    if mallopt is None:
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, _KEEP_UP_TO // 2) and mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO)
+    )

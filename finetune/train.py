@@ -167,6 +167,7 @@ def train(
     """Train the adapter described by `config`; returns where it was written."""
     from finetune.attention import register_attention
     from finetune.data.prepare import format_summary, prepare_datasets
+    from finetune.hardware import keep_freed_memory_for_reuse
     from finetune.model import (
         check_base_model,
         check_combinations_for_machine,
@@ -189,6 +190,7 @@ def train(
     if prepared.chat_template:
         tokenizer.chat_template = prepared.chat_template
 
+    keep_freed_memory_for_reuse()  # CPU: no page faults for each step's activations
     set_seed(config.seed)  # the adapter's initial weights too come from the seed
     attention = config.attn_implementation
     if config.sample_packing and attention == "sdpa":
