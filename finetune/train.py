@@ -111,6 +111,7 @@ class FinetuneTrainer(Trainer):
         if "loss" in logs:
             now = time.perf_counter()
             tokens = self._tokens_since_log * self.accelerator.num_processes
+            logs["trained_tokens"] = tokens  # since the last log, all processes
             logs["tokens_per_second"] = round(tokens / max(now - self._last_log_time, 1e-9), 1)
             self._tokens_since_log, self._last_log_time = 0, now
             if self._first_loss is None:
@@ -134,6 +135,7 @@ class MetricsFile(TrainerCallback):
         "loss",
         "learning_rate",
         "grad_norm",
+        "trained_tokens",
         "tokens_per_second",
         "eval_loss",
         "packing_efficiency",

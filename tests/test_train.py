@@ -245,7 +245,10 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_checkpoint(tmp_path, tiny_mod
     assert all(torch.isfinite(t).all() for t in good.values())
 
 
-def test_evaluation_and_packing_efficiency_are_logged(tmp_path, tiny_model_dir):
+def test_evaluation_packing_efficiency_and_trained_tokens_are_logged(tmp_path, tiny_model_dir):
+    from finetune.data.prepare import prepare_datasets
+    from finetune.model import load_tokenizer
+
     datasets = [{"path": str(SAMPLES / "quickstart_facts.jsonl"), "type": "chat_template"}]
     config = make_config(
         tmp_path,
@@ -263,6 +266,10 @@ def test_evaluation_and_packing_efficiency_are_logged(tmp_path, tiny_model_dir):
     evals = [r for r in records if "eval_loss" in r]
     assert len(evals) >= 2 and all(r["eval_loss"] > 0 for r in evals)
     assert 0.8 < records[0]["packing_efficiency"] <= 1.0
+    # One epoch: the logged counts add up to the trained labels of the training split.
+    train_split = prepare_datasets(config, load_tokenizer(config), log=lambda _: None).train
+    trained = sum(sum(label != -100 for label in labels) for labels in train_split["labels"])
+    assert sum(r.get("trained_tokens", 0) for r in records) == trained > 0
 
 
 def test_disk_full_while_saving_names_the_last_good_checkpoint(
