@@ -2,6 +2,10 @@
 
 A benchmark is a script here with a `--markdown` flag (helpers start with `_`; make_data.py
 and this file are not benchmarks). Each prints its own section; this adds the machine.
+
+    python bench/run_all.py [SCRIPT ...]
+
+With script names, only those run and only their sections of RESULTS.md are replaced.
 """
 
 from __future__ import annotations
@@ -35,12 +39,33 @@ def machine() -> str:
     )
 
 
+def recorded_sections() -> dict[str, str]:
+    """The sections of the current RESULTS.md, by the script named in their Command line."""
+    results = HERE / "RESULTS.md"
+    if not results.exists():
+        return {}
+    sections = {}
+    for section in results.read_text().split("\n## ")[1:]:
+        for script in HERE.glob("*.py"):
+            if f"`python bench/{script.name} --markdown`" in section:
+                sections[script.name] = "## " + section.rstrip("\n") + "\n"
+    return sections
+
+
 def main() -> None:
     scripts = sorted(
         p for p in HERE.glob("*.py") if p.name not in SKIP and not p.name.startswith("_")
     )
+    only = {Path(name).name for name in sys.argv[1:]}
+    unknown = only - {p.name for p in scripts}
+    if unknown:
+        sys.exit(f"not a benchmark in bench/: {', '.join(sorted(unknown))}")
+    kept = recorded_sections() if only else {}
     sections = []
     for script in scripts:
+        if only and script.name not in only and script.name in kept:
+            sections.append(kept[script.name])
+            continue
         started = time.perf_counter()
         print(f"running {script.name} ...", flush=True)
         result = subprocess.run(
@@ -59,6 +84,10 @@ def main() -> None:
         f"Written by `make bench` on {time.strftime('%Y-%m-%d')}.\n\n"
         f"Machine: {machine()}.\n"
     )
+    if only:
+        header += (
+            f"\nRerun alone on that day, the other sections kept: {', '.join(sorted(only))}.\n"
+        )
     (HERE / "RESULTS.md").write_text(header + "\n" + "\n".join(sections))
     print((HERE / "RESULTS.md").read_text())
 
