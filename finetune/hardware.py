@@ -78,9 +78,10 @@ def keep_freed_memory_for_reuse() -> bool:
     large activations every time, page-faults all of them in again: on SmolLM2-135M with
     2048-token rows, ~230k faults and 1.5-2.5 s of system time per 11-13 s step. With both
     thresholds raised, steps after the first few fault almost nothing. The process keeps its peak
-    memory until it exits instead of giving it back between steps; the peak itself is
-    unchanged. Skipped on GPUs, without glibc, and when the user tunes malloc through
-    GLIBC_TUNABLES or MALLOC_* variables. Returns whether it was applied.
+    memory until it exits instead of giving it back between steps, and the peak grows a little
+    (6.3 -> 6.8 GB in bench/train_throughput.py, packed). Skipped on GPUs, without glibc, and
+    when the user tunes malloc through GLIBC_TUNABLES or MALLOC_* variables. Returns whether it
+    was applied.
     """
     import ctypes
     import os
