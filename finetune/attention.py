@@ -35,8 +35,7 @@ def varlen_sdpa_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     gqa = getattr(module, "num_key_value_groups", 1) > 1
-    bounds = boundaries.tolist()
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    lengths = boundaries.diff().tolist()
     # split (not one slice per sample): its backward is one cat, where each slice's backward
     # would allocate and zero a gradient of the whole row.
     pieces = (
