@@ -51,7 +51,7 @@ test: lint
 quickstart: $(STAMP)
 	$(BIN)/finetune train examples/configs/quickstart.yaml --force
 	$(BIN)/finetune merge examples/configs/quickstart.yaml --force
-	$(BIN)/python -m finetune.quickstart examples/configs/quickstart.yaml \
+	$(BIN)/python tools/quickstart_scorecard.py examples/configs/quickstart.yaml \
 		--trained data/samples/quickstart_facts.jsonl
 
 bench: $(STAMP)

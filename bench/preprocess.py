@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from make_data import alpaca_rows, write_jsonl  # noqa: E402
 
-from finetune.embedded import ensure_embedded_model  # noqa: E402
+from finetune.model.default_model import ensure_default_model  # noqa: E402
 
 
 def run(rows: int, runs: int = 3) -> dict:
-    model = ensure_embedded_model()
+    model = ensure_default_model()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_jsonl(alpaca_rows(rows, 200, seed=0), Path(tmp) / "alpaca.jsonl")
         config = Path(tmp) / "config.yaml"

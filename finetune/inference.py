@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from finetune.errors import FinetuneError
-from finetune.model import ModelLoadError, model_source
+from finetune.dtypes import torch_dtype_named
+from finetune.errors import FinetuneError, ModelLoadError
+from finetune.model.source import model_source
 
 # Tokens that end an assistant turn in common chat templates. Generation stops at the
 # tokenizer's eos and at any of these that the tokenizer's template actually uses, so a model
@@ -259,12 +260,7 @@ def _attach_adapter(model, tokenizer, adapter_dir: Path):
 def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise FinetuneError(
-            f"dtype {dtype!r} is not a torch dtype; use bfloat16, float16, float32 or auto"
-        )
-    return resolved
+    return torch_dtype_named(dtype)
 
 
 def _as_list(value) -> list:

@@ -7,9 +7,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from finetune.embedded import ensure_embedded_model
+    from finetune.model.default_model import ensure_default_model
 
-    return ensure_embedded_model(log=lambda message: None)
+    return ensure_default_model(log=lambda message: None)
 
 
 @pytest.fixture(scope="session")

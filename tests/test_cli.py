@@ -112,8 +112,10 @@ def test_validate_without_config_is_a_usage_error():
 
 
 def test_readme_config_reference_is_current():
-    from finetune.docs import END, START, config_reference
+    from finetune.config.reference import END, START, config_reference
 
     readme = (ROOT / "README.md").read_text()
     current = readme[readme.index(START) : readme.index(END) + len(END)]
-    assert current == config_reference(), "README is stale: run `python -m finetune.docs`"
+    assert current == config_reference(), (
+        "README is stale: run `python -m finetune.config.reference`"
+    )

@@ -14,15 +14,11 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from finetune.errors import FinetuneError
+from finetune.errors import ChatTemplateError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 BUILTIN_TEMPLATES = tuple(sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja")))
 CHAT_TEMPLATE_CHOICES = ("tokenizer_default", *BUILTIN_TEMPLATES)
-
-
-class ChatTemplateError(FinetuneError):
-    """The chat template cannot be found, parsed or rendered."""
 
 
 def resolve_chat_template(name: str | None, jinja: str | None, tokenizer: Any) -> str | None:

@@ -17,11 +17,7 @@ import numpy as np
 import torch
 
 from finetune.data.tokenize import IGNORE_INDEX
-from finetune.errors import FinetuneError
-
-
-class PackingError(FinetuneError):
-    """The data cannot be batched as configured."""
+from finetune.errors import PackingError
 
 
 def pack_into_bins(lengths: Sequence[int], capacity: int, seed: int) -> list[list[int]]:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import datasets
 import pyarrow as pa
 
 from finetune.config import DatasetConfig
-from finetune.errors import FinetuneError
-from finetune.model import hub_offline
+from finetune.errors import DataSourceError
+from finetune.hub import HUB_ID, hub_offline
 
 EXTENSIONS = {
     ".json": "json",
@@ -22,11 +21,6 @@ EXTENSIONS = {
     ".arrow": "arrow",
     ".txt": "text",
 }
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class DataSourceError(FinetuneError):
-    """A dataset that cannot be read."""
 
 
 def local_files(dataset: DatasetConfig) -> list[Path] | None:

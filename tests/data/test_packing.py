@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.attention import VARLEN_SDPA, register_attention
 from finetune.data.packing import (
     BatchPlan,
     PackingError,
@@ -15,7 +14,8 @@ from finetune.data.packing import (
     pack_into_bins,
     packing_efficiency,
 )
-from finetune.loss import kept_token_loss
+from finetune.train.attention import VARLEN_SDPA, register_attention
+from finetune.train.loss import kept_token_loss
 
 
 def lognormal_lengths(n: int, mean: float, seed: int = 0) -> np.ndarray:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from finetune.config import DatasetConfig, FinetuneConfig
+    from finetune.config.schema import DatasetConfig, FinetuneConfig
 
 
 class RowError(ValueError):

