@@ -64,8 +64,34 @@ class LossNotFinite(TrainingError):
     """The loss became NaN or infinite."""
 
 
+class UnsupportedAttentionError(TrainingError):
+    """The model asks its attention for something the per-sample attention does not compute."""
+
+
 # ------------------------------------------------------------------------------------ merge
 
 
 class MergeError(FinetuneError):
     """The adapter cannot be merged into this base, or the merged model is not trustworthy."""
+
+
+# ----------------------------------------------------------------------------------- export
+
+
+class ExportError(FinetuneError):
+    """The model cannot be exported in the asked format, or the export would overwrite files."""
+
+
+# ------------------------------------------------------------------------------------- eval
+
+
+class EvaluationError(FinetuneError):
+    """A run cannot be evaluated as asked, or a merged / exported model does not compute what
+    the fine-tuned model computes."""
+
+
+# ------------------------------------------------------------------------------------- push
+
+
+class PushError(FinetuneError):
+    """The run's files cannot be uploaded to the Hugging Face Hub; nothing was uploaded."""

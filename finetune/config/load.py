@@ -1,7 +1,13 @@
 """Reading a config: YAML file + command-line overrides -> a validated `FinetuneConfig`.
 
 Unknown keys are errors with a suggestion; Axolotl keys we do not implement are collected
-into one warning; every problem is reported at once as `CONFIG: key: message`.
+into one warning, and Axolotl features we do not have are refused by name; every problem is
+reported at once as `CONFIG: key: message`.
+
+Relative input paths (data files, templates, models, DeepSpeed configs) are read from the
+working directory, as Axolotl reads them, or else from the config file's folder when the file
+is there; the loaded config holds them resolved. Output paths (`output_dir`,
+`dataset_prepared_path`) are relative to the working directory.
 """
 
 from __future__ import annotations
@@ -9,12 +15,21 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from finetune.config.axolotl import AXOLOTL_DATASET_KEYS, AXOLOTL_QUIET_KEYS, AXOLOTL_TOP_LEVEL_KEYS
+from finetune.config.axolotl import (
+    AXOLOTL_DATASET_KEYS,
+    AXOLOTL_LEGACY_KEYS,
+    AXOLOTL_PLUGIN_KEYS,
+    AXOLOTL_QUIET_KEYS,
+    AXOLOTL_TOP_LEVEL_KEYS,
+    differences_worth_a_word,
+    unsupported_features,
+)
+from finetune.config.paths import resolve_paths
 from finetune.config.schema import (
     SECTIONS,
     DatasetConfig,
@@ -32,6 +47,12 @@ class LoadedConfig:
     config: FinetuneConfig
     path: str
     warnings: list[str] = field(default_factory=list)
+    # The keys given on the command line, with their values: what overrides a run's record.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.path).resolve().parent
 
 
 class _UniqueKeySafeLoader(yaml.SafeLoader):
@@ -84,30 +105,53 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     """Axolotl-style overrides: `--key value`, `--key=value`, `--flag`, `--no-flag`.
 
     Dashes and underscores are interchangeable in keys; values are read as YAML, so numbers,
-    booleans, lists and mappings work (`--lora-target-modules '[q_proj, v_proj]'`).
+    booleans, lists and mappings work (`--lora-target-modules '[q_proj, v_proj]'`). A flag
+    alone means true only for a boolean key; any other key without a value (an empty shell
+    variable: `--learning-rate $LR --max-steps 10`) is an error, never a silent 1.
     """
     overrides: dict[str, Any] = {}
+    problems: list[Problem] = []
     i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or arg == "--":
-            raise ConfigError(
-                "command line",
-                [(arg, "unexpected argument; overrides look like `--key value` or `--key=value`")],
+            problems.append(
+                (arg, "unexpected argument; overrides look like `--key value` or `--key=value`")
             )
-        name, has_value, value = arg[2:].partition("=")
-        key = name.replace("-", "_")
-        if has_value:
-            overrides[key] = _yaml_value(value)
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            overrides[key] = _yaml_value(args[i + 1])
             i += 1
-        elif key.startswith("no_") and key not in FinetuneConfig.model_fields:
-            overrides[key[3:]] = False
-        else:
-            overrides[key] = True
+            continue
+        name, has_value, text = arg[2:].partition("=")
+        key = name.replace("-", "_")
+        flag = "--" + name
+        if not has_value and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            has_value, text = True, args[i + 1]
+            i += 1
         i += 1
+        if has_value:
+            value = _yaml_value(text)
+            if value is None or value == "":
+                problems.append((flag, "has an empty value; give one (is a shell variable empty?)"))
+            else:
+                overrides[key] = value
+        elif key.startswith("no_") and _takes_a_bare_flag(key[3:]):
+            overrides[key[3:]] = False
+        elif _takes_a_bare_flag(key) or key not in FinetuneConfig.model_fields:
+            overrides[key] = True  # unknown keys are reported by load_config with a suggestion
+        else:
+            problems.append(
+                (flag, "needs a value, e.g. " + f"`{flag} VALUE` (is a shell variable empty?)")
+            )
+    if problems:
+        raise ConfigError("command line", problems)
     return overrides
+
+
+def _takes_a_bare_flag(key: str) -> bool:
+    """Whether `--KEY` alone can mean true: only for boolean keys (and Axolotl keys we ignore)."""
+    info = FinetuneConfig.model_fields.get(key)
+    if info is None:
+        return key in AXOLOTL_TOP_LEVEL_KEYS
+    return info.annotation is bool or bool in get_args(info.annotation)
 
 
 def _yaml_value(text: str) -> Any:
@@ -133,6 +177,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedC
             hint = f"; did you mean --{hint.replace('_', '-')}?" if hint else ""
             problems.append(("--" + key.replace("_", "-"), f"unknown option{hint}"))
 
+    if raw.get("activation_offloading") is True:  # Axolotl's other spelling of it
+        raw.pop("activation_offloading")
+        raw["gradient_checkpointing"] = "offload"
+    problems += unsupported_features(raw)
     known = _split_known(raw, FinetuneConfig, AXOLOTL_TOP_LEVEL_KEYS, "", problems, ignored)
     for list_key in ("datasets", "test_datasets"):
         entries = known.get(list_key)
@@ -152,7 +200,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedC
             ]
 
     config, field_problems = _validate(known)
-    problems.extend(field_problems)
+    named = {key for key, _ in problems}  # a refused feature says more than its field error
+    problems.extend(p for p in field_problems if p[0] not in named)
+    if config is not None:
+        config = resolve_paths(config, Path(source).resolve().parent, problems)
     if problems:
         raise ConfigError(source, problems)
     warnings = []
@@ -160,7 +211,27 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedC
         warnings.append(
             "ignored Axolotl keys (finetune does not implement them): " + ", ".join(ignored)
         )
-    return LoadedConfig(config=config, path=source, warnings=warnings)
+    warnings += differences_worth_a_word(config, raw)
+    return LoadedConfig(
+        config=config, path=source, warnings=warnings, overrides=dict(override_values)
+    )
+
+
+def apply_overrides(
+    config: FinetuneConfig, overrides: dict[str, Any], folder: Path, source: str
+) -> FinetuneConfig:
+    """`config` (a run's recorded config) with command-line overrides applied and validated."""
+    if not overrides:
+        return config
+    config_values = {**config.model_dump(mode="json"), **overrides}
+    problems: list[Problem] = []
+    updated, field_problems = _validate(config_values)
+    problems += field_problems
+    if updated is not None:
+        updated = resolve_paths(updated, folder, problems)
+    if problems:
+        raise ConfigError(f"{source} (command line)", problems)
+    return updated
 
 
 def _validate(known: dict[str, Any]) -> tuple[FinetuneConfig | None, list[Problem]]:
@@ -175,7 +246,8 @@ def _validate(known: dict[str, Any]) -> tuple[FinetuneConfig | None, list[Proble
         FinetuneConfig.model_validate({k: v for k, v in known.items() if k not in failed})
     except ValidationError as exc:
         seen = {key for key, _ in problems}
-        problems += [p for p in _validation_problems(exc) if p[0] not in seen]
+        # A key left out for this second pass is not missing: its own problem is reported.
+        problems += [p for p in _validation_problems(exc) if p[0] not in seen | failed]
     return None, problems
 
 
@@ -189,6 +261,8 @@ def _split_known(
 ) -> dict[str, Any]:
     """Keep the keys `model` defines; sort the rest into unknown (a problem) or Axolotl-only."""
     known = {}
+    if not prefix:
+        axolotl_keys = axolotl_keys | AXOLOTL_PLUGIN_KEYS | AXOLOTL_LEGACY_KEYS
     for key, value in raw.items():
         if key in model.model_fields:
             # Axolotl configs leave a key empty (`fp16:`) to mean "the default".
@@ -199,7 +273,7 @@ def _split_known(
             if key not in AXOLOTL_QUIET_KEYS and value not in (None, False, "", [], {}):
                 ignored.append(prefix + str(key))
         else:
-            hint = _suggest(str(key), model.model_fields)
+            hint = _suggest(str(key), [*model.model_fields, *axolotl_keys])
             hint = f"; did you mean {hint!r}?" if hint else ""
             problems.append((prefix + str(key), f"unknown key{hint}"))
     return known

@@ -11,16 +11,25 @@ section whose keys it reads; all of them report together, so a user sees every p
 
 from __future__ import annotations
 
-import json
+import difflib
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Prompt strategies (`type:`) are one module each in finetune/data/strategies/; a mapping
 # (`type: {field_instruction: ...}`) defines a custom alpaca-like format instead.
-from finetune.config.vocabulary import CHAT_TEMPLATES, DATASET_TYPES
+from finetune.config.axolotl import (
+    AXOLOTL_CHAT_TEMPLATES,
+    AXOLOTL_DATASET_TYPE_HINTS,
+    AXOLOTL_OWN_OPTIMIZERS,
+)
+from finetune.config.vocabulary import (
+    CHAT_TEMPLATE_ALIASES,
+    CHAT_TEMPLATES,
+    DATASET_TYPE_ALIASES,
+    DATASET_TYPES,
+)
 
 CHAT_TEMPLATE_CHOICES = tuple(CHAT_TEMPLATES)
 
@@ -35,41 +44,38 @@ SECTIONS = (
     "precision & memory",
     "distributed",
     "logging",
+    "hub",
 )
 
-OPTIMIZERS = (
-    "adamw_torch",
-    "adamw_torch_fused",
-    "adamw_8bit",
-    "adamw_bnb_8bit",
-    "paged_adamw_8bit",
-    "paged_adamw_32bit",
-    "adafactor",
-    "adagrad",
-    "sgd",
-    "rmsprop",
-    "lion_8bit",
-    "lion_32bit",
-    "paged_lion_8bit",
-    "paged_lion_32bit",
-    "ademamix",
-    "ademamix_8bit",
+# The HF Trainer's optimizers (transformers 5.24 `OptimizerNames`, minus the XLA/NPU ones).
+OPTIMIZERS = tuple(
+    """
+    adamw_torch adamw_torch_fused adafactor adamw_anyprecision adamw_torch_4bit adamw_torch_8bit
+    ademamix sgd adagrad adamw_bnb_8bit adamw_8bit ademamix_8bit lion_8bit lion_32bit
+    paged_adamw_32bit paged_adamw_8bit paged_ademamix_32bit paged_ademamix_8bit paged_lion_32bit
+    paged_lion_8bit rmsprop rmsprop_bnb rmsprop_bnb_8bit rmsprop_bnb_32bit galore_adamw
+    galore_adamw_8bit galore_adafactor galore_adamw_layerwise galore_adamw_8bit_layerwise
+    galore_adafactor_layerwise lomo adalomo grokadamw schedule_free_radam schedule_free_adamw
+    schedule_free_sgd apollo_adamw apollo_adamw_layerwise stable_adamw
+    """.split()
 )
 
-LR_SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "cosine_with_min_lr",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-    "reduce_lr_on_plateau",
-    "warmup_stable_decay",
+# The HF Trainer's learning-rate schedules (transformers 5.24 `SchedulerType`).
+LR_SCHEDULERS = tuple(
+    """
+    linear cosine cosine_with_restarts polynomial constant constant_with_warmup inverse_sqrt
+    reduce_lr_on_plateau cosine_with_min_lr cosine_warmup_with_min_lr warmup_stable_decay
+    """.split()
 )
 
 TrainOnEos = Literal["turn", "all", "last", "none"]
+
+
+def unknown_choice(what: str, value: str, choices) -> str:
+    """`unknown WHAT 'x' (did you mean 'y'?); choose one of: ...`"""
+    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {what} {value!r}{hint}; choose one of: {', '.join(choices)}"
 
 
 def option(section: str, default: Any = None, description: str = "", **constraints: Any) -> Any:
@@ -145,6 +151,19 @@ class DatasetConfig(BaseModel):
         None, description="Custom Jinja chat template (text or path) for this dataset only."
     )
     drop_system_message: bool = Field(False, description="Drop system turns from conversations.")
+    field_thinking: str = Field(
+        "reasoning_content",
+        description="Message key holding an assistant turn's reasoning, when the data has it.",
+    )
+    split_thinking: bool = Field(
+        False,
+        description="Take <think>...</think> (or <reasoning>...) out of assistant contents "
+        "into the reasoning the template writes.",
+    )
+    template_thinking_key: str = Field(
+        "reasoning_content",
+        description="Message key the chat template reads reasoning from (Qwen3: its default).",
+    )
 
     @field_validator("chat_template")
     @classmethod
@@ -154,8 +173,13 @@ class DatasetConfig(BaseModel):
     @field_validator("type")
     @classmethod
     def _known_type(cls, value: str | DatasetFormat) -> str | DatasetFormat:
+        if isinstance(value, str):
+            value = DATASET_TYPE_ALIASES.get(value, value)
         if isinstance(value, str) and value not in DATASET_TYPES:
-            raise ValueError(f"unknown type {value!r}; known types: {', '.join(DATASET_TYPES)}")
+            hint = AXOLOTL_DATASET_TYPE_HINTS.get(value.split(".")[0].split(":")[0])
+            if hint:
+                raise ValueError(f"type {value} is not supported: {hint}")
+            raise ValueError(unknown_choice("type", value, DATASET_TYPES))
         return value
 
 
@@ -180,6 +204,17 @@ class FinetuneConfig(BaseModel):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = option(
         "model", None, "Attention backend; default sdpa (flash_attention_2 needs a CUDA GPU)."
     )
+
+    @field_validator("attn_implementation", mode="before")
+    @classmethod
+    def _known_attention(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("sdpa", "eager", "flash_attention_2"):
+            raise ValueError(
+                f"{value} is an attention backend finetune does not offer; use sdpa (the "
+                "default), eager, or flash_attention_2 on a CUDA GPU"
+            )
+        return value
+
     flash_attention: bool = option(
         "model", False, "Axolotl's legacy switch for `attn_implementation: flash_attention_2`."
     )
@@ -308,6 +343,12 @@ class FinetuneConfig(BaseModel):
     def _known_template(cls, value: str | None) -> str | None:
         return _known_chat_template(value)
 
+    eot_tokens: list[str] | None = option(
+        "datasets",
+        None,
+        "Tokens that end a turn, trained after each trained turn per train_on_eos (default: the "
+        "template's end-of-turn marker, else the EOS token).",
+    )
     default_system_message: str | None = option(
         "datasets", None, "System message added to conversations that have none."
     )
@@ -328,7 +369,7 @@ class FinetuneConfig(BaseModel):
 
     # --------------------------------------------------- sequence & packing
     sequence_len: int = option(
-        "sequence & packing", 2048, "Maximum tokens per sample (and per packed row).", ge=16
+        "sequence & packing", 512, "Maximum tokens per sample (and per packed row).", ge=16
     )
     excess_length_strategy: Literal["drop", "truncate", "raise"] = option(
         "sequence & packing", "drop", "What to do with samples longer than `sequence_len`."
@@ -345,8 +386,18 @@ class FinetuneConfig(BaseModel):
 
     # ------------------------------------------------------------- training
     micro_batch_size: int = option("training", 1, "Samples (or packed rows) per device step.", ge=1)
-    gradient_accumulation_steps: int = option(
-        "training", 1, "Micro-steps per optimizer step.", ge=1
+    gradient_accumulation_steps: int | None = option(
+        "training",
+        None,
+        "Micro-steps per optimizer step (default 1, or batch_size / micro_batch_size).",
+        ge=1,
+    )
+    batch_size: int | None = option(
+        "training",
+        None,
+        "Axolotl's older way to give the batch: samples per optimizer step per process; sets "
+        "gradient_accumulation_steps = batch_size / micro_batch_size.",
+        ge=1,
     )
     num_epochs: float = option("training", 1.0, "Passes over the training data.", gt=0)
     max_steps: int | None = option(
@@ -376,33 +427,75 @@ class FinetuneConfig(BaseModel):
         "training", None, "Checkpoint folder to resume training from."
     )
     auto_resume_from_checkpoints: bool = option(
-        "training", False, "Resume from the newest complete checkpoint in `output_dir`."
+        "training",
+        False,
+        "Resume from the newest complete checkpoint of an unfinished run in `output_dir`.",
+    )
+    cosine_min_lr_ratio: float | None = option(
+        "training",
+        None,
+        "With lr_scheduler: cosine, decay to this fraction of learning_rate instead of 0.",
+        gt=0,
+        lt=1,
     )
 
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, value: str) -> str:
+        if value in AXOLOTL_OWN_OPTIMIZERS:
+            raise ValueError(
+                f"{value} is Axolotl's own optimizer, which finetune does not have; use one of "
+                "the HF Trainer's, e.g. adamw_torch, adamw_torch_fused or adamw_8bit"
+            )
         if value not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {value!r}; choose one of: {', '.join(OPTIMIZERS)}")
+            raise ValueError(unknown_choice("optimizer", value, OPTIMIZERS))
         return value
 
     @field_validator("lr_scheduler")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
         if value not in LR_SCHEDULERS:
-            raise ValueError(
-                f"unknown lr_scheduler {value!r}; choose one of: {', '.join(LR_SCHEDULERS)}"
-            )
+            raise ValueError(unknown_choice("lr_scheduler", value, LR_SCHEDULERS))
         return value
 
     def _check_training(self) -> list[tuple[str, str]]:
+        problems = []
         if self.warmup_steps is not None and self.warmup_ratio is not None:
-            return [("warmup_ratio", "warmup_steps and warmup_ratio are exclusive; keep one")]
-        return []
+            problems.append(
+                ("warmup_ratio", "warmup_steps and warmup_ratio are exclusive; keep one")
+            )
+        if self.batch_size is not None:
+            steps = self.gradient_accumulation_steps
+            if steps is not None and steps * self.micro_batch_size != self.batch_size:
+                problems.append(
+                    (
+                        "batch_size",
+                        "batch_size and gradient_accumulation_steps disagree (batch_size sets "
+                        "gradient_accumulation_steps = batch_size / micro_batch_size); keep one",
+                    )
+                )
+            elif self.batch_size % self.micro_batch_size:
+                problems.append(
+                    (
+                        "batch_size",
+                        f"{self.batch_size} is not a multiple of micro_batch_size "
+                        f"{self.micro_batch_size}; gradient_accumulation_steps = batch_size / "
+                        "micro_batch_size must be whole",
+                    )
+                )
+        if self.cosine_min_lr_ratio is not None and self.lr_scheduler != "cosine":
+            problems.append(
+                (
+                    "cosine_min_lr_ratio",
+                    f"works with lr_scheduler: cosine (got {self.lr_scheduler}); for other "
+                    "schedules give their own lr_scheduler_kwargs",
+                )
+            )
+        return problems
 
     # -------------------------------------------------- evaluation & saving
     output_dir: str = option(
-        "evaluation & saving", "./outputs/out", "Where the adapter, logs and checkpoints go."
+        "evaluation & saving", "./model-out", "Where the adapter, logs and checkpoints go."
     )
     val_set_size: float = option(
         "evaluation & saving",
@@ -417,7 +510,7 @@ class FinetuneConfig(BaseModel):
         gt=0,
     )
     evals_per_epoch: int | None = option(
-        "evaluation & saving", None, "Evaluate this many times per epoch.", ge=1
+        "evaluation & saving", None, "Evaluate this many times per epoch (0: never).", ge=0
     )
     eval_batch_size: int | None = option(
         "evaluation & saving", None, "Eval micro-batch size (default: micro_batch_size).", ge=1
@@ -429,13 +522,25 @@ class FinetuneConfig(BaseModel):
         gt=0,
     )
     saves_per_epoch: int | None = option(
-        "evaluation & saving", None, "Checkpoint this many times per epoch.", ge=1
+        "evaluation & saving",
+        None,
+        "Checkpoint this many times per epoch (0: only the final save).",
+        ge=0,
     )
     save_total_limit: int | None = option(
         "evaluation & saving", None, "Keep only the newest N checkpoints.", ge=1
     )
     early_stopping_patience: int | None = option(
         "evaluation & saving", None, "Stop after this many evaluations without improvement.", ge=1
+    )
+    loss_watchdog_threshold: float | None = option(
+        "evaluation & saving",
+        None,
+        "Stop training when the logged loss stays above this for loss_watchdog_patience logs.",
+        gt=0,
+    )
+    loss_watchdog_patience: int = option(
+        "evaluation & saving", 3, "Logs in a row above loss_watchdog_threshold that stop.", ge=1
     )
 
     @field_validator("val_set_size")
@@ -453,17 +558,28 @@ class FinetuneConfig(BaseModel):
         ):
             if getattr(self, steps) is not None and getattr(self, per_epoch) is not None:
                 problems.append((per_epoch, f"{steps} and {per_epoch} are exclusive; keep one"))
-        if self.val_set_size == 0 and not self.test_datasets:
-            for key in ("eval_steps", "evals_per_epoch", "early_stopping_patience"):
-                if getattr(self, key) is not None:
-                    problems.append(
-                        (
-                            key,
-                            "there is nothing to evaluate: val_set_size is 0 and no "
-                            "test_datasets; set val_set_size (e.g. 0.05) or remove this key",
-                        )
-                    )
+        if self.val_set_size and self.test_datasets:
+            problems.append(
+                (
+                    "val_set_size",
+                    "val_set_size and test_datasets are exclusive: test_datasets are the eval "
+                    "set; keep one",
+                )
+            )
+        # eval_steps / evals_per_epoch without eval data are skipped with a warning, as Axolotl
+        # skips them (config/load.py); early stopping without evaluations cannot work.
+        if not self.has_eval_data() and self.early_stopping_patience is not None:
+            problems.append(
+                (
+                    "early_stopping_patience",
+                    "there is nothing to evaluate: val_set_size is 0 and no test_datasets; set "
+                    "val_set_size (e.g. 0.05) or remove this key",
+                )
+            )
         return problems
+
+    def has_eval_data(self) -> bool:
+        return bool(self.val_set_size or self.test_datasets)
 
     # --------------------------------------------------- precision & memory
     bf16: bool | Literal["auto"] = option(
@@ -471,10 +587,20 @@ class FinetuneConfig(BaseModel):
         "auto",
         "Train in bfloat16: true, false or auto (if the hardware has it).",
     )
-    fp16: bool = option("precision & memory", False, "Train in float16 mixed precision (GPU).")
-    tf32: bool = option("precision & memory", False, "Allow TF32 matmuls on Ampere+ GPUs.")
-    gradient_checkpointing: bool = option(
-        "precision & memory", False, "Recompute activations in backward to save memory."
+    fp16: bool | None = option(
+        "precision & memory",
+        None,
+        "Train in float16 mixed precision (GPU); unset: used where bf16 is auto and the GPU "
+        "lacks bf16.",
+    )
+    tf32: bool | Literal["auto"] = option(
+        "precision & memory", "auto", "Allow TF32 matmuls: true, false or auto (Ampere+ GPUs)."
+    )
+    gradient_checkpointing: bool | Literal["offload"] = option(
+        "precision & memory",
+        False,
+        "Recompute activations in backward to save memory (non-reentrant; Axolotl's default is "
+        "reentrant). offload: also park each layer's input in pinned CPU memory (CUDA only).",
     )
     gradient_checkpointing_kwargs: dict[str, Any] | None = option(
         "precision & memory",
@@ -482,13 +608,11 @@ class FinetuneConfig(BaseModel):
         "Arguments for gradient checkpointing, e.g. {use_reentrant: false}.",
     )
 
-    @field_validator("bf16", "fp16", "tf32", mode="before")
+    @field_validator("bf16", "tf32", mode="before")
     @classmethod
-    def _null_means_default(cls, value: Any, info: Any) -> Any:
-        # Axolotl examples write `fp16:` with no value to mean "off" (and `bf16:` for auto).
-        if value is None:
-            return "auto" if info.field_name == "bf16" else False
-        return value
+    def _null_means_auto(cls, value: Any) -> Any:
+        # Axolotl examples write `bf16:` with no value to mean the default, auto.
+        return "auto" if value is None else value
 
     def _check_precision(self) -> list[tuple[str, str]]:
         if self.bf16 is True and self.fp16:
@@ -499,13 +623,27 @@ class FinetuneConfig(BaseModel):
     deepspeed: str | dict[str, Any] | None = option(
         "distributed",
         None,
-        "DeepSpeed JSON config: a path (e.g. deepspeed_configs/zero2.json) or a mapping.",
+        "DeepSpeed JSON config: a path, a bundled one by name (zero1, zero2, zero3, "
+        "zero3_offload) or a mapping.",
     )
-    fsdp: list[str] | str | None = option(
-        "distributed", None, "FSDP options (not supported by finetune yet; use deepspeed)."
+    fsdp_version: Literal[1, 2] | None = option(
+        "distributed",
+        None,
+        "2: shard with FSDP2 through Accelerate (CUDA GPUs). Unset with fsdp_config: 1, as in "
+        "Axolotl; finetune refuses FSDP1.",
     )
     fsdp_config: dict[str, Any] | None = option(
-        "distributed", None, "FSDP settings (not supported by finetune yet; use deepspeed)."
+        "distributed",
+        None,
+        "FSDP settings, with or without Axolotl's `fsdp_` prefix: offload_params, "
+        "cpu_ram_efficient_loading, auto_wrap_policy, transformer_layer_cls_to_wrap, "
+        "min_num_params, state_dict_type, activation_checkpointing, reshard_after_forward.",
+    )
+    fsdp: list[str] | str | None = option(
+        "distributed",
+        None,
+        "Axolotl's older FSDP switch, e.g. [full_shard, auto_wrap]; with fsdp_version: 2, "
+        "shard_grad_op means reshard_after_forward: false and offload means offload_params.",
     )
     ddp_timeout: int | None = option(
         "distributed", None, "Seconds a process waits for the others before failing.", ge=1
@@ -514,21 +652,125 @@ class FinetuneConfig(BaseModel):
         "distributed", None, "DDP's find_unused_parameters (needed by some gradient checkpointing)."
     )
 
+    @field_validator("fsdp_config")
+    @classmethod
+    def _fsdp_config_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else _normalized_fsdp_config(value)
+
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _fsdp_options(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split()
+        if isinstance(value, list):
+            for option_name in value:
+                if option_name not in FSDP_LEGACY_OPTIONS:
+                    raise ValueError(
+                        unknown_choice("fsdp option", option_name, FSDP_LEGACY_OPTIONS)
+                    )
+        return value or None
+
+    def uses_fsdp(self) -> bool:
+        """FSDP is on when fsdp_config is given (even empty) or the legacy fsdp list says
+        something, as in Axolotl."""
+        return bool(self.fsdp) or self.fsdp_config is not None
+
+    def fsdp_setting(self, key: str, default: Any = None) -> Any:
+        """One FSDP2 setting from fsdp_config (prefix stripped), or `default`."""
+        return (self.fsdp_config or {}).get(key, default)
+
     def _check_distributed(self) -> list[tuple[str, str]]:
         problems = []
-        if self.deepspeed and (self.fsdp or self.fsdp_config):
+        if self.deepspeed and self.uses_fsdp():
             problems.append(("fsdp", "deepspeed and fsdp are exclusive; keep one"))
-        if isinstance(self.deepspeed, str):
-            problem = _deepspeed_file_problem(self.deepspeed)
-            if problem:
-                problems.append(("deepspeed", problem))
+        inner = self.fsdp_setting("version")
+        if inner is not None and self.fsdp_version is not None and inner != self.fsdp_version:
+            problems.append(
+                (
+                    "fsdp_version",
+                    f"{self.fsdp_version}, but fsdp_config says fsdp_version: {inner}; keep one "
+                    "(at the top level)",
+                )
+            )
+        if (self.fsdp_version or inner) and not self.uses_fsdp():
+            problems.append(
+                (
+                    "fsdp_config",
+                    "required with fsdp_version: FSDP is switched on by fsdp_config (as in "
+                    "Axolotl), e.g. fsdp_config: {auto_wrap_policy: TRANSFORMER_BASED_WRAP}",
+                )
+            )
+        if (self.fsdp_version or inner) == 2:
+            problems += self._check_fsdp2()
+        return problems
+
+    def _check_fsdp2(self) -> list[tuple[str, str]]:
+        """What FSDP2 cannot do, said before anything loads (FSDP1 is refused at `train`)."""
+        problems = []
+        for option_name in self.fsdp or []:
+            if option_name in FSDP1_ONLY_STRATEGIES:
+                problems.append(
+                    (
+                        "fsdp",
+                        f"{option_name} is an FSDP1 sharding strategy; FSDP2 shards fully "
+                        "(full_shard) or keeps weights gathered between forward and backward "
+                        "(shard_grad_op)",
+                    )
+                )
+        strategy = self.fsdp_setting("sharding_strategy")
+        if strategy is not None and strategy not in FSDP2_RESHARD:
+            problems.append(
+                (
+                    "fsdp_config.sharding_strategy",
+                    f"{strategy} is FSDP1-only; with fsdp_version: 2 use FULL_SHARD or "
+                    "SHARD_GRAD_OP (or reshard_after_forward: true / false)",
+                )
+            )
+        reshard = self.fsdp_setting("reshard_after_forward")
+        if strategy in FSDP2_RESHARD and reshard is not None and reshard != FSDP2_RESHARD[strategy]:
+            problems.append(
+                (
+                    "fsdp_config.reshard_after_forward",
+                    f"{str(reshard).lower()}, but sharding_strategy: {strategy} means "
+                    f"{str(FSDP2_RESHARD[strategy]).lower()}; keep one",
+                )
+            )
+        if self.fsdp_setting("state_dict_type") == "LOCAL_STATE_DICT":
+            problems.append(
+                (
+                    "fsdp_config.state_dict_type",
+                    "LOCAL_STATE_DICT is FSDP1-only; use FULL_STATE_DICT (the default)",
+                )
+            )
+        policy = self.fsdp_setting("auto_wrap_policy")
+        if policy == "SIZE_BASED_WRAP" and self.fsdp_setting("min_num_params") is None:
+            problems.append(
+                (
+                    "fsdp_config.min_num_params",
+                    "required with auto_wrap_policy: SIZE_BASED_WRAP (parameters a module needs "
+                    "to be sharded on its own), e.g. 100000000",
+                )
+            )
+        if self.fsdp_setting("activation_checkpointing") and (
+            self.gradient_checkpointing == "offload"
+        ):
+            problems.append(
+                (
+                    "gradient_checkpointing",
+                    "offload and fsdp_config.activation_checkpointing both checkpoint the "
+                    "layers; keep one",
+                )
+            )
         return problems
 
     # -------------------------------------------------------------- logging
     logging_steps: int = option("logging", 1, "Log metrics every N optimizer steps.", ge=1)
     use_tensorboard: bool = option("logging", False, "Also log to TensorBoard in output_dir/runs.")
+    use_wandb: bool = option(
+        "logging", False, "Log to Weights & Biases (also on whenever wandb_project is set)."
+    )
     wandb_project: str | None = option(
-        "logging", None, "Weights & Biases project (logging to W&B is on only when set)."
+        "logging", None, "Weights & Biases project; setting it turns W&B logging on."
     )
     wandb_entity: str | None = option("logging", None, "Weights & Biases entity (team or user).")
     wandb_name: str | None = option("logging", None, "Weights & Biases run name.")
@@ -536,11 +778,58 @@ class FinetuneConfig(BaseModel):
         "logging", None, "Weights & Biases mode."
     )
     wandb_run_id: str | None = option("logging", None, "Weights & Biases run id to resume.")
-    mlflow_tracking_uri: str | None = option(
-        "logging", None, "MLflow tracking URI (logging to MLflow is on only when set)."
+    use_mlflow: bool = option(
+        "logging",
+        False,
+        "Log to MLflow (also on whenever mlflow_experiment_name or mlflow_tracking_uri is set).",
     )
-    mlflow_experiment_name: str | None = option("logging", None, "MLflow experiment name.")
+    mlflow_tracking_uri: str | None = option(
+        "logging", None, "MLflow tracking URI; setting it turns MLflow logging on."
+    )
+    mlflow_experiment_name: str | None = option(
+        "logging", None, "MLflow experiment name; setting it turns MLflow logging on."
+    )
     mlflow_run_name: str | None = option("logging", None, "MLflow run name.")
+
+    def wandb_enabled(self) -> bool:
+        return self.use_wandb or bool(self.wandb_project)
+
+    def mlflow_enabled(self) -> bool:
+        return self.use_mlflow or bool(self.mlflow_experiment_name or self.mlflow_tracking_uri)
+
+    def run_name(self) -> str | None:
+        """The Trainer's one run name: wandb_name when W&B logs, else mlflow_run_name (Axolotl)."""
+        if self.wandb_enabled() and self.wandb_name:
+            return self.wandb_name
+        return self.mlflow_run_name if self.mlflow_enabled() else None
+
+    # ------------------------------------------------------------------ hub
+    hub_model_id: str | None = option(
+        "hub",
+        None,
+        "Hugging Face Hub repo (owner/name) that `finetune push` uploads to; nothing is "
+        "uploaded during training.",
+    )
+    hub_strategy: Literal["end", "every_save", "checkpoint", "all_checkpoints"] = option(
+        "hub",
+        "end",
+        "What `finetune push --what adapter` uploads with the final adapter: end and every_save "
+        "nothing more, checkpoint the newest checkpoint-N, all_checkpoints every checkpoint-N.",
+    )
+    hub_private_repo: bool | None = option(
+        "hub",
+        None,
+        "Create the Hub repo private (true) or public (false); unset: the Hub's default.",
+    )
+
+    @field_validator("hub_model_id")
+    @classmethod
+    def _hub_repo_id(cls, value: str | None) -> str | None:
+        from finetune.hub import HUB_ID
+
+        if value is not None and not HUB_ID.match(value):
+            raise ValueError(f"{value!r} is not a Hub repo id; write owner/name")
+        return value
 
     # ------------------------------------------------------ all the checks
     @model_validator(mode="after")
@@ -561,30 +850,31 @@ class FinetuneConfig(BaseModel):
         self.attn_implementation = self.attn_implementation or (legacy[0] if legacy else "sdpa")
         if self.eval_sample_packing is None:
             self.eval_sample_packing = self.sample_packing
+        if self.gradient_accumulation_steps is None:
+            batch = self.batch_size
+            self.gradient_accumulation_steps = batch // self.micro_batch_size if batch else 1
+        if self.uses_fsdp():
+            # Axolotl's rule: fsdp_version may sit in fsdp_config; absent, it is FSDP1.
+            settings = dict(self.fsdp_config or {})
+            self.fsdp_version = self.fsdp_version or settings.pop("version", None) or 1
+            settings.pop("version", None)
+            self.fsdp_config = settings
         return self
 
 
 def _known_chat_template(value: str | None) -> str | None:
-    if value is not None and value not in CHAT_TEMPLATE_CHOICES:
+    value = CHAT_TEMPLATE_ALIASES.get(value, value)
+    if value is None or value in CHAT_TEMPLATE_CHOICES:
+        return value
+    if value in AXOLOTL_CHAT_TEMPLATES:
         raise ValueError(
-            f"unknown chat template {value!r}; choose one of: {', '.join(CHAT_TEMPLATE_CHOICES)} "
-            "(or give your own with chat_template_jinja)"
+            f"{value} is an Axolotl chat template finetune does not ship; use tokenizer_default "
+            "(the model's own template) or give the template with chat_template_jinja"
         )
-    return value
-
-
-def _deepspeed_file_problem(path: str) -> str | None:
-    """Why the DeepSpeed JSON at `path` cannot be used, or None when it can."""
-    file = Path(path)
-    try:
-        json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return f"file {path} not found; give a path to a DeepSpeed JSON (see deepspeed_configs/)"
-    except (OSError, UnicodeDecodeError) as exc:
-        return f"cannot read {path}: {exc}"
-    except json.JSONDecodeError as exc:
-        return f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-    return None
+    raise ValueError(
+        unknown_choice("chat template", value, CHAT_TEMPLATE_CHOICES)
+        + " (or give your own with chat_template_jinja)"
+    )
 
 
 def fields_by_section() -> dict[str, list[str]]:
@@ -593,3 +883,103 @@ def fields_by_section() -> dict[str, list[str]]:
     for name, info in FinetuneConfig.model_fields.items():
         grouped[info.json_schema_extra["section"]].append(name)
     return grouped
+
+
+# FSDP (fsdp_config, fsdp): Axolotl's keys, read from its FSDPConfig (axolotl 067b021c), named
+# without the `fsdp_` prefix that Axolotl strips (and accepts) too.
+FSDP_SETTINGS: dict[str, Any] = {
+    "version": (1, 2),
+    "activation_checkpointing": bool,
+    "offload_params": bool,
+    "cpu_ram_efficient_loading": bool,
+    "auto_wrap_policy": ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP"),
+    "transformer_layer_cls_to_wrap": (str, list),
+    "min_num_params": int,
+    "state_dict_type": ("FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT"),
+    "final_state_dict_type": ("FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT"),
+    "reshard_after_forward": bool,
+    "cpu_offload_pin_memory": (True,),
+    "mixed_precision_policy": (),  # refused: precision follows bf16 / fp16
+    # FSDP1's: sharding_strategy maps onto reshard_after_forward under FSDP2; the others tune
+    # FSDP1 only, and Axolotl's FSDP2 drops them too.
+    "sharding_strategy": (
+        "FULL_SHARD",
+        "SHARD_GRAD_OP",
+        "NO_SHARD",
+        "HYBRID_SHARD",
+        "_HYBRID_SHARD_ZERO2",
+    ),
+    "limit_all_gathers": bool,
+    "sync_module_states": bool,
+    "use_orig_params": bool,
+    "forward_prefetch": bool,
+    "backward_prefetch": ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH"),
+}
+FSDP2_RESHARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
+FSDP_LEGACY_OPTIONS = (
+    "full_shard",
+    "shard_grad_op",
+    "hybrid_shard",
+    "hybrid_shard_zero2",
+    "no_shard",
+    "offload",
+    "auto_wrap",
+)
+FSDP1_ONLY_STRATEGIES = ("hybrid_shard", "hybrid_shard_zero2", "no_shard")
+
+
+def _normalized_fsdp_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """fsdp_config with Axolotl's `fsdp_` prefixes stripped and every value checked."""
+    settings: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    for written, value in raw.items():
+        name = str(written).removeprefix("fsdp_")
+        where = f"fsdp_config.{written}"
+        if name in settings and settings[name] != value:
+            problems.append((where, "given twice (with and without fsdp_), differently"))
+            continue
+        if name not in FSDP_SETTINGS:
+            close = difflib.get_close_matches(name, list(FSDP_SETTINGS), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append((where, f"unknown key{hint}"))
+            continue
+        if name == "cpu_offload_pin_memory" and value is False:
+            problems.append((where, "false is not supported: offloaded parameters are pinned"))
+            continue
+        if name == "mixed_precision_policy" and value is not None:
+            problems.append((where, "is not supported: precision follows bf16 / fp16"))
+            continue
+        if name == "min_num_params" and isinstance(value, int) and value < 1:
+            problems.append((where, "should be at least 1"))
+            continue
+        if name == "transformer_layer_cls_to_wrap" and isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if value is not None and not _fsdp_value_fits(FSDP_SETTINGS[name], value):
+            problems.append((where, f"should be {_fsdp_kind(FSDP_SETTINGS[name])} (got {value!r})"))
+            continue
+        settings[name] = value
+    if problems:
+        raise Problems(problems)
+    return {name: value for name, value in settings.items() if value is not None}
+
+
+def _fsdp_value_fits(kind: Any, value: Any) -> bool:
+    if isinstance(value, bool) and kind is not bool and kind != (True,):
+        return False  # True == 1: not a version, not a count
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == (str, list):
+        return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+    return value in kind
+
+
+def _fsdp_kind(kind: Any) -> str:
+    if kind is bool:
+        return "true or false"
+    if kind is int:
+        return "an integer"
+    if kind == (str, list):
+        return "a layer class name or a list of them, e.g. LlamaDecoderLayer"
+    return "one of " + ", ".join(str(choice) for choice in kind)

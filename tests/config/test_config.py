@@ -10,6 +10,7 @@ import yaml
 
 from finetune.config import FinetuneConfig, load_config
 from finetune.config.load import parse_overrides
+from finetune.config.paths import BUNDLED_DEEPSPEED
 from finetune.errors import ConfigError
 from finetune.machine import resolve_for_machine
 
@@ -61,8 +62,6 @@ CHECKS = [
         "fsdp",
         "exclusive",
     ),
-    ({"evals_per_epoch": 4}, "evals_per_epoch", "set val_set_size"),
-    ({"eval_steps": 50}, "eval_steps", "nothing to evaluate"),
     ({"early_stopping_patience": 3}, "early_stopping_patience", "nothing to evaluate"),
     ({"lora_target_modules": ["q_proj", "(unclosed"]}, "lora_target_modules", "'(unclosed'"),
     ({"lora_r": 0}, "lora_r", "greater than 0"),
@@ -103,9 +102,10 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 def test_every_combination_problem_is_reported_at_once(tmp_path):
     problems = problems_of(
-        tmp_path, {"adapter": "qlora", "warmup_steps": 1, "warmup_ratio": 0.1, "evals_per_epoch": 2}
+        tmp_path,
+        {"adapter": "qlora", "warmup_steps": 1, "warmup_ratio": 0.1, "early_stopping_patience": 2},
     )
-    assert {"adapter", "warmup_ratio", "evals_per_epoch"} <= set(problems)
+    assert {"adapter", "warmup_ratio", "early_stopping_patience"} <= set(problems)
 
 
 def test_error_lines_are_file_key_message(tmp_path):
@@ -155,10 +155,14 @@ def test_axolotl_documented_examples_validate(name):
 
 
 def test_axolotl_empty_values_mean_default():
+    import torch
+
     config = load_config(FIXTURES / "axolotl_lora_8b.yml").config
     assert config.attn_implementation == "flash_attention_2"  # from `flash_attention: true`
     assert config.dataset_prepared_path == "last_run_prepared"  # `dataset_prepared_path:` empty
-    assert config.fp16 is False
+    assert config.fp16 is None  # `fp16:` empty: decided for the machine
+    resolved = resolve_for_machine(config)
+    assert resolved.fp16 is (torch.cuda.is_available() and not resolved.bf16)
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -195,9 +199,11 @@ def test_python_objects_in_yaml_are_refused(tmp_path):
 
 
 def test_deepspeed_file_and_inline_mapping(tmp_path, monkeypatch):
-    monkeypatch.chdir(Path(__file__).parents[2])
-    config = load_config(write(tmp_path, {**MINIMAL, "deepspeed": "deepspeed_configs/zero2.json"}))
-    assert config.config.deepspeed == "deepspeed_configs/zero2.json"
+    monkeypatch.chdir(tmp_path)
+    own = tmp_path / "my_zero2.json"
+    own.write_text('{"zero_optimization": {"stage": 2}}')
+    config = load_config(write(tmp_path, {**MINIMAL, "deepspeed": "my_zero2.json"}))
+    assert config.config.deepspeed == str(own)
     inline = {"zero_optimization": {"stage": 3}}
     assert load_config(write(tmp_path, {**MINIMAL, "deepspeed": inline})).config.deepspeed == inline
 
@@ -211,7 +217,7 @@ def test_deepspeed_bad_json_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_shipped_deepspeed_configs_are_json(name):
-    ds = json.loads((Path(__file__).parents[2] / "deepspeed_configs" / f"{name}.json").read_text())
+    ds = json.loads((BUNDLED_DEEPSPEED / f"{name}.json").read_text())
     assert ds["train_micro_batch_size_per_gpu"] == "auto"
 
 
@@ -284,3 +290,209 @@ def test_json_schema_has_every_key_with_a_description():
     for name, prop in schema["properties"].items():
         assert prop.get("description"), name
         assert prop.get("section"), name
+
+
+# --- Axolotl semantics ---------------------------------------------------------------------
+
+
+def test_batch_size_sets_gradient_accumulation_as_axolotl_documents(tmp_path):
+    config = load_config(write(tmp_path, {**MINIMAL, "batch_size": 32, "micro_batch_size": 4}))
+    assert config.config.gradient_accumulation_steps == 8
+
+
+def test_batch_size_must_divide_and_not_meet_gradient_accumulation(tmp_path):
+    problems = problems_of(tmp_path, {"batch_size": 30, "micro_batch_size": 4})
+    assert "not a multiple of micro_batch_size 4" in problems["batch_size"]
+    problems = problems_of(tmp_path, {"batch_size": 32, "gradient_accumulation_steps": 2})
+    assert "disagree" in problems["batch_size"]
+
+
+def test_gradient_accumulation_defaults_to_one(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL)).config.gradient_accumulation_steps == 1
+
+
+@pytest.mark.parametrize("key", ["eval_steps", "evals_per_epoch"])
+def test_evaluation_without_eval_data_is_skipped_with_a_warning(tmp_path, key):
+    loaded = load_config(write(tmp_path, {**MINIMAL, key: 4}))
+    assert any(
+        w.startswith(f"{key}: skipped: there is nothing to evaluate") for w in loaded.warnings
+    )
+
+
+def test_val_set_size_and_test_datasets_are_exclusive(tmp_path):
+    test = [{"path": "eval.jsonl", "type": "alpaca"}]
+    problems = problems_of(tmp_path, {"val_set_size": 0.1, "test_datasets": test})
+    assert "exclusive" in problems["val_set_size"]
+
+
+def test_run_name_follows_axolotl(tmp_path):
+    both = {**MINIMAL, "wandb_project": "p", "wandb_name": "w", "mlflow_experiment_name": "e"}
+    loaded = load_config(write(tmp_path, {**both, "mlflow_run_name": "m"}))
+    assert loaded.config.run_name() == "w"
+    assert any("MLflow run is named after wandb_name" in w for w in loaded.warnings)
+    only_mlflow = {
+        **MINIMAL,
+        "wandb_name": "w",
+        "mlflow_experiment_name": "e",
+        "mlflow_run_name": "m",
+    }
+    assert load_config(write(tmp_path, only_mlflow)).config.run_name() == "m"
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "words"),
+    [
+        ({"rl": "dpo"}, "rl", "preference / RL training"),
+        ({"processor_type": "AutoProcessor"}, "processor_type", "multimodal"),
+        ({"gptq": True}, "gptq", "GPTQ"),
+        ({"context_parallel_size": 2}, "context_parallel_size", "context (sequence) parallelism"),
+        ({"plugins": ["axolotl.integrations.kd.KDPlugin"]}, "plugins", "KDPlugin"),
+        ({"adapter": "dora"}, "adapter", "peft_use_dora: true"),
+        ({"adapter": "llama-adapter"}, "adapter", "lora or qlora adapters"),
+        ({"optimizer": "muon"}, "optimizer", "Axolotl's own optimizer"),
+        ({"attn_implementation": "xformers"}, "attn_implementation", "does not offer"),
+        ({"chat_template": "falcon_h1"}, "chat_template", "Axolotl chat template"),
+        ({"chat_template": "chatmll"}, "chat_template", "did you mean 'chatml'?"),
+        (
+            {"datasets": [{"path": "x.jsonl", "type": "sharegpt"}]},
+            "datasets[0].type",
+            "message_property_mappings",
+        ),
+        (
+            {"datasets": [{"path": "x.jsonl", "type": "alpacca"}]},
+            "datasets[0].type",
+            "did you mean 'alpaca'?",
+        ),
+    ],
+)
+def test_axolotl_features_we_lack_are_refused_by_name(tmp_path, changes, key, words):
+    problems = problems_of(tmp_path, changes)
+    assert words in problems[key], problems
+
+
+def test_plugins_that_only_speed_up_are_ignored_with_a_warning(tmp_path):
+    config = {
+        **MINIMAL,
+        "plugins": ["axolotl.integrations.liger.LigerPlugin"],
+        "liger_rms_norm": True,
+        "cut_cross_entropy": True,
+    }
+    warnings = load_config(write(tmp_path, config)).warnings
+    assert any(
+        "plugins" in w and "liger_rms_norm" in w and "cut_cross_entropy" in w for w in warnings
+    )
+
+
+def test_axolotl_typo_gets_a_suggestion(tmp_path):
+    problems = problems_of(tmp_path, {"context_parapllel_size": 2})
+    assert problems == {
+        "context_parapllel_size": "unknown key; did you mean 'context_parallel_size'?"
+    }
+
+
+def test_bad_dataset_value_is_not_reported_as_missing_datasets(tmp_path):
+    problems = problems_of(tmp_path, {"datasets": [{"path": "x.jsonl", "type": "alpaka"}]})
+    assert "datasets" not in problems
+    assert set(problems) == {"datasets[0].type"}
+
+
+def test_aliases_become_the_canonical_type(tmp_path):
+    datasets = [
+        {"path": "a.jsonl", "type": "alpaca:chat"},
+        {"path": "b.jsonl", "type": "chat_template.default"},
+    ]
+    config = load_config(write(tmp_path, {**MINIMAL, "datasets": datasets})).config
+    assert [d.type for d in config.datasets] == ["alpaca_chat", "chat_template"]
+
+
+# --- paths ---------------------------------------------------------------------------------
+
+
+def test_relative_paths_fall_back_to_the_config_folder(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "rows.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (project / "template.jinja").write_text("{{ messages }}")
+    config = {
+        **MINIMAL,
+        "datasets": [{"path": "data/rows.jsonl", "type": "alpaca"}],
+        "chat_template_jinja": "template.jinja",
+    }
+    path = write(project, config)
+    monkeypatch.chdir(tmp_path)  # another working directory
+    loaded = load_config(path).config
+    assert loaded.datasets[0].path == str(project / "data" / "rows.jsonl")
+    assert loaded.chat_template_jinja == str(project / "template.jinja")
+    assert loaded.base_model == MINIMAL["base_model"]  # a Hub id stays one
+
+
+def test_working_directory_wins_over_the_config_folder(tmp_path, monkeypatch):
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "rows.jsonl").write_text("{}\n")
+    path = write(
+        tmp_path / "sub", {**MINIMAL, "datasets": [{"path": "rows.jsonl", "type": "alpaca"}]}
+    )
+    monkeypatch.chdir(tmp_path)
+    assert load_config(path).config.datasets[0].path == str(tmp_path / "rows.jsonl")
+
+
+@pytest.mark.parametrize("name", ["zero3", "zero3.json", "deepspeed_configs/zero3.json"])
+def test_bundled_deepspeed_configs_by_name_from_any_folder(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(write(tmp_path, {**MINIMAL, "deepspeed": name})).config
+    assert config.deepspeed == str(BUNDLED_DEEPSPEED / "zero3.json")
+
+
+def test_missing_deepspeed_config_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    problems = problems_of(tmp_path, {"deepspeed": "configs/ds.json"})
+    assert f"looked in {tmp_path}" in problems["deepspeed"]
+    assert "zero3_offload" in problems["deepspeed"]
+
+
+# --- overrides without a value -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--learning-rate", "--max-steps", "10"], "--learning-rate"),
+        (["--max-steps"], "--max-steps"),
+        (["--seed"], "--seed"),
+        (["--learning-rate="], "--learning-rate"),
+        (["--learning-rate", ""], "--learning-rate"),
+    ],
+)
+def test_an_override_without_its_value_is_an_error(args, flag):
+    with pytest.raises(ConfigError) as caught:
+        parse_overrides(args)
+    assert flag in dict(caught.value.problems)
+
+
+def test_a_bare_flag_is_true_only_for_boolean_keys():
+    assert parse_overrides(["--sample-packing", "--max-steps", "3"]) == {
+        "sample_packing": True,
+        "max_steps": 3,
+    }
+
+
+@pytest.mark.parametrize(
+    ("machine", "expected"),
+    [
+        ({"cuda": True, "bf16": True}, (True, False)),
+        ({"cuda": True, "bf16": False}, (False, True)),  # T4 / V100: fp16, as in Axolotl
+        ({"cuda": False, "bf16": False}, (False, False)),  # a CPU cannot run fp16: fp32
+        ({"cuda": False, "bf16": True}, (True, False)),  # AVX512-BF16 / AMX CPUs
+    ],
+)
+def test_bf16_auto_falls_back_like_axolotl(tmp_path, machine, expected):
+    config = load_config(write(tmp_path, MINIMAL)).config
+    resolved = resolve_for_machine(config, tf32=False, **machine)
+    assert (resolved.bf16, resolved.fp16) == expected
+
+
+def test_explicit_fp16_false_is_kept_on_a_gpu_without_bf16(tmp_path):
+    config = load_config(write(tmp_path, {**MINIMAL, "fp16": False})).config
+    resolved = resolve_for_machine(config, cuda=True, bf16=False, tf32=False)
+    assert (resolved.bf16, resolved.fp16) == (False, False)
