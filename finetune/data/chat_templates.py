@@ -97,3 +97,34 @@ def end_of_turn_marker(template: str, tokenizer: Any) -> str:
     after = text[text.rindex("PROBE-A") + len("PROBE-A") :]
     marker = after.split("\n", 1)[0].strip()
     return marker or (tokenizer.eos_token or "")
+
+
+def default_system_message(template: str, tokenizer: Any) -> str | None:
+    """The system message a template writes when a conversation has none (SmolLM2's and
+    Qwen2.5's do), found by rendering with and without one; None when it writes none."""
+    user = [{"role": "user", "content": "PROBE-Q"}]
+    try:
+        plain = render(template, user, tokenizer, generation_prompt=False)
+        with_system = render(
+            template, [{"role": "system", "content": "PROBE-S"}, *user], tokenizer, False
+        )
+    except Exception:  # a template that refuses system turns inserts none either
+        return None
+    head, found, tail = with_system.partition("PROBE-S")
+    if found and plain.startswith(head) and plain.endswith(tail):
+        inserted = plain[len(head) : len(plain) - len(tail)]
+        return inserted or None
+    return None
+
+
+def describe(name: str, template: str, tokenizer: Any) -> str:
+    """One line for the preprocess summary: which template, and what it adds by itself."""
+    own = " (the tokenizer's own)" if name == "tokenizer_default" else ""
+    text = f"chat template {name}{own}"
+    inserted = default_system_message(template, tokenizer)
+    if inserted:
+        text += (
+            "; it inserts a default system message into conversations without one: "
+            f"{inserted!r} (give your own system turn, or default_system_message, to replace it)"
+        )
+    return text

@@ -60,6 +60,12 @@ class BatchPlan:
     `micro_batch_size` bins. Padded: samples are re-shuffled every epoch; each micro-batch is
     `micro_batch_size` samples; the last micro-batch of an epoch may be smaller. With several
     processes, each rank gets the same number of micro-batches, built from disjoint samples.
+
+    Training drops the at most world_size - 1 groups left over (a different few each epoch).
+    Evaluation (`every_sample=True`) drops nothing: ranks short of a group get a padding group,
+    a copy of a real one whose index is offset by the number of samples (`is_padding`); its
+    tokens are never counted, so every sample is evaluated exactly once and every rank runs the
+    same number of batches (ZeRO-3's forward is a collective).
     """
 
     def __init__(
@@ -72,12 +78,14 @@ class BatchPlan:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        every_sample: bool = False,
     ):
         self.lengths = np.asarray(lengths)
         self.micro_batch_size = micro_batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.rank, self.world_size = rank, world_size
+        self.every_sample = every_sample
         self.epoch = 0
         if packed:
             self.groups = pack_into_bins(self.lengths, capacity, seed)
@@ -85,15 +93,16 @@ class BatchPlan:
         else:
             self.groups = [[i] for i in range(len(self.lengths))]
             self.efficiency = None
-        # Every rank gets the same number of groups (hence of micro-batches); the at most
-        # world_size - 1 groups left over are skipped this epoch (a different few each epoch).
-        self.groups_per_rank = len(self.groups) // world_size
+        if every_sample:
+            self.groups_per_rank = math.ceil(len(self.groups) / world_size)
+        else:
+            self.groups_per_rank = len(self.groups) // world_size
         if self.groups_per_rank == 0:
             raise PackingError(
                 f"{len(self.groups)} {'packed rows' if packed else 'samples'} cannot give each of "
                 f"{world_size} processes a batch; add data or use fewer processes"
             )
-        self.dropped_groups = len(self.groups) - self.groups_per_rank * world_size
+        self.dropped_groups = max(0, len(self.groups) - self.groups_per_rank * world_size)
         self.batches_per_rank = math.ceil(self.groups_per_rank / micro_batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -102,14 +111,39 @@ class BatchPlan:
     def __len__(self) -> int:
         return self.batches_per_rank
 
+    def is_padding(self, index: int) -> bool:
+        return index >= len(self.lengths)
+
     def __iter__(self) -> Iterator[list[int]]:
         order = np.arange(len(self.groups))
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.groups))
         size = self.micro_batch_size
-        mine = order[self.rank :: self.world_size][: self.groups_per_rank]
-        for start in range(0, len(mine), size):
-            yield [i for g in mine[start : start + size].tolist() for i in self.groups[g]]
+        mine = order[self.rank :: self.world_size][: self.groups_per_rank].tolist()
+        groups = [self.groups[g] for g in mine]
+        offset = len(self.lengths)
+        while len(groups) < self.groups_per_rank:  # evaluation: pad with a copy, never counted
+            groups.append([i + offset for i in self.groups[order[0]]])
+        for start in range(0, len(groups), size):
+            yield [i for group in groups[start : start + size] for i in group]
+
+
+class PaddedSamples:
+    """A dataset that also answers a BatchPlan's padding indices: a copy of the sample they
+    stand for, with every label masked (so it trains and counts nothing)."""
+
+    def __init__(self, dataset, ignore_index: int = IGNORE_INDEX):
+        self.dataset, self.ignore_index = dataset, ignore_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        if index < len(self.dataset):
+            return self.dataset[index]
+        sample = dict(self.dataset[index - len(self.dataset)])
+        sample["labels"] = [self.ignore_index] * len(sample["labels"])
+        return sample
 
 
 def collate_packed(

@@ -101,10 +101,21 @@ def _build(config, tokenizer, templates, target: Path, log) -> PreparedData:
         train, evaluation = _split_off_eval(train, config)
 
     summary = summarize(counts, train, evaluation, target)
+    summary["templates"] = [
+        f"{where}: {chat_templates.describe(_template_name(dataset, config), template, tokenizer)}"
+        for where, dataset, template in zip(names, _all_datasets(config), templates, strict=True)
+        if template
+    ]
     write_prepared(
         target, _to_dataset(train), _to_dataset(evaluation) if evaluation else None, summary
     )
     return read_prepared(target, from_cache=False)
+
+
+def _template_name(dataset: DatasetConfig, config: FinetuneConfig) -> str:
+    if dataset.chat_template_jinja or (not dataset.chat_template and config.chat_template_jinja):
+        return "your chat_template_jinja"
+    return dataset.chat_template or config.chat_template or "tokenizer_default"
 
 
 def _type_name(dataset: DatasetConfig) -> str:
@@ -123,19 +134,13 @@ def tokenize_dataset(
     strategy = strategy_for(dataset)
     rows = load_rows(dataset)
     _check_columns(rows.column_names, strategy.fields(dataset), dataset, where)
-    end_of_turn = chat_templates.end_of_turn_marker(template, tokenizer) if template else None
-    if end_of_turn and len(tokenizer.encode(end_of_turn, add_special_tokens=False)) != 1:
-        log(
-            f"warning: {where}: the chat template ends turns with {end_of_turn!r}, which is not "
-            "one token for this tokenizer (the model would learn it piece by piece); use the "
-            "model's own template (chat_template: tokenizer_default) or add it with `tokens:`"
-        )
+    markers = _end_of_turn_markers(config, template, tokenizer, where, log)
     ctx = Context(
         dataset=dataset,
         config=config,
         tokenizer=tokenizer,
         chat_template=template,
-        end_of_turn=end_of_turn,
+        end_of_turn=markers,
     )
     counts = Counts()
     samples: list[Tokenized] = []
@@ -148,7 +153,7 @@ def tokenize_dataset(
                 rendered.append(strategy.render(dict(zip(names, values, strict=True)), ctx))
             except RowError as exc:
                 raise DataRowError(
-                    f"{where} {dataset.path}: row {row_index}: {exc} (fields found: "
+                    f"{where} {dataset.path}: row {row_index + 1}: {exc} (fields found: "
                     f"{', '.join(names)})"
                 ) from None
             row_index += 1
@@ -156,12 +161,57 @@ def tokenize_dataset(
             zip(rendered, tokenize_rendered(rendered, tokenizer), strict=True)
         ):
             index = row_index - len(rendered) + offset
-            samples.extend(
-                _apply_length_policy(sample, row.split_long, config, counts, where, index, dataset)
+            kept = _apply_length_policy(
+                sample, row.split_long, config, counts, where, index, dataset
             )
+            samples.extend(kept)
+            if len(kept) == 1 and len(kept[0].input_ids) == len(sample.input_ids):
+                answers, stopped = _stops(row, tokenizer)
+                counts.answers += answers
+                counts.stopped += stopped
+    if counts.answers and not counts.stopped:
+        raise DataRowError(_no_stop_message(where, dataset, config, markers))
     counts.rows_read = row_index
     counts.kept = len(samples)
     return samples, counts
+
+
+def _end_of_turn_markers(config, template, tokenizer, where, log) -> tuple[str, ...]:
+    """What ends a turn: `eot_tokens`, else the template's own end-of-turn marker."""
+    if config.eot_tokens:
+        return tuple(config.eot_tokens)
+    if not template:
+        return ()
+    marker = chat_templates.end_of_turn_marker(template, tokenizer)
+    if marker and len(tokenizer.encode(marker, add_special_tokens=False)) != 1:
+        log(
+            f"warning: {where}: the chat template ends turns with {marker!r}, which is not "
+            "one token for this tokenizer (the model would learn it piece by piece); use the "
+            "model's own template (chat_template: tokenizer_default) or add it with `tokens:`"
+        )
+    return (marker,) if marker else ()
+
+
+def _stops(row, tokenizer) -> tuple[int, int]:
+    """(answers, answers ending with a trained stop token) of one rendered row."""
+    if row.eos == "trained":
+        return 1, int(tokenizer.eos_token_id is not None)
+    if row.eos == "masked":
+        return 1, 0
+    return row.answers, row.stopped
+
+
+def _no_stop_message(where, dataset: DatasetConfig, config, markers) -> str:
+    name = (
+        _template_name(dataset, config) if dataset.type == "chat_template" else _type_name(dataset)
+    )
+    looked = f" (looked for {', '.join(map(repr, markers))} after each answer)" if markers else ""
+    return (
+        f"{where} {dataset.path}: no answer ends with a trained stop token{looked}, so the model "
+        f"would never learn to stop; with {name}, set train_on_eos: turn, name the token that "
+        "ends a turn with eot_tokens, or use a template that writes one "
+        "(chat_template: tokenizer_default)"
+    )
 
 
 def _check_columns(columns, fields, dataset: DatasetConfig, where: str) -> None:
@@ -170,7 +220,7 @@ def _check_columns(columns, fields, dataset: DatasetConfig, where: str) -> None:
     if missing:
         expected = ", ".join(required) + (f" (optional: {', '.join(optional)})" if optional else "")
         raise DataRowError(
-            f"{where} {dataset.path}: row 0: missing field {', '.join(map(repr, missing))} for "
+            f"{where} {dataset.path}: row 1: missing field {', '.join(map(repr, missing))} for "
             f"type {_type_name(dataset)}; fields found: {', '.join(columns) or 'none'}; "
             f"expected: {expected}"
         )
@@ -187,7 +237,7 @@ def _apply_length_policy(
             counts.chunks_added += len(pieces) - 1
         elif config.excess_length_strategy == "raise":
             raise DataRowError(
-                f"{where} {dataset.path}: row {index}: {len(sample.input_ids)} tokens, longer "
+                f"{where} {dataset.path}: row {index + 1}: {len(sample.input_ids)} tokens, longer "
                 f"than sequence_len {limit}; raise sequence_len or set excess_length_strategy: "
                 "drop or truncate"
             )

@@ -18,6 +18,8 @@ class Counts:
     truncated: int = 0
     nothing_to_train: int = 0
     chunks_added: int = 0
+    answers: int = 0  # trained answers (assistant turns, responses) in rows kept whole
+    stopped: int = 0  # of them, those ending with a trained stop token
 
 
 def split_stats(samples: list[Tokenized] | None) -> dict:
@@ -44,6 +46,8 @@ def summarize(counts: list[Counts], train, evaluation, target: Path) -> dict:
         "truncated": sum(c.truncated for c in counts),
         "dropped_nothing_to_train": sum(c.nothing_to_train for c in counts),
         "chunks_added": sum(c.chunks_added for c in counts),
+        "answers": sum(c.answers for c in counts),
+        "answers_with_stop": sum(c.stopped for c in counts),
         "train": split_stats(train),
         "eval": split_stats(evaluation),
         "cache": str(target),
@@ -71,13 +75,23 @@ def format_summary(summary: dict) -> str:
         f"{summary['dropped_too_long']} too long, {summary['dropped_nothing_to_train']} nothing "
         f"to train; truncated {summary['truncated']}, long texts split into "
         f"{summary['chunks_added']} extra chunks",
-        f"train: {train['rows']} samples, {train['tokens']} tokens, "
+        f"train: {_count(train['rows'], 'sample')}, {train['tokens']} tokens, "
         f"{train['trainable_tokens']} trainable ({train['trainable_tokens'] / train['tokens']:.0%})"
         f"; length min {train['length_min']} / median {train['length_median']:.0f} / p95 "
         f"{train['length_p95']:.0f} / max {train['length_max']}",
     ]
     evaluation = summary["eval"]
     if evaluation["rows"]:
-        lines.append(f"eval: {evaluation['rows']} samples, {evaluation['tokens']} tokens")
+        lines.append(f"eval: {_count(evaluation['rows'], 'sample')}, {evaluation['tokens']} tokens")
+    if summary.get("answers"):
+        lines.append(
+            f"trained stop tokens: {summary['answers_with_stop']:,} of {summary['answers']:,} "
+            "answers"
+        )
+    lines += summary.get("templates", [])
     lines.append(f"cache: {summary['cache']}")
     return "\n".join(lines)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")

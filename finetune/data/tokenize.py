@@ -45,8 +45,13 @@ def _label(row: Rendered, encoding, eos_id: int | None) -> Tokenized:
         first, last = _token_range(encoding, start, end)
         labels[first:last] = ids[first:last]
     if row.eos is not None and eos_id is not None:
-        ids = np.append(ids, np.int32(eos_id))
-        labels = np.append(labels, np.int32(eos_id if row.eos == "trained" else IGNORE_INDEX))
+        # A tokenizer whose post-processor already ends every text with EOS has written it
+        # (covering no character, so it is unlabelled): label that one; never append a second.
+        added = len(ids) > 0 and ids[-1] == eos_id and encoding.offsets[-1] == (0, 0)
+        if not added:
+            ids = np.append(ids, np.int32(eos_id))
+            labels = np.append(labels, np.int32(IGNORE_INDEX))
+        labels[-1] = eos_id if row.eos == "trained" else IGNORE_INDEX
     if len(labels):
         # The first token is never predicted (nothing comes before it). Masking it also keeps a
         # packed row from predicting a sample's first token from the previous sample.

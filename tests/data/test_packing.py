@@ -14,7 +14,7 @@ from finetune.data.packing import (
     pack_into_bins,
     packing_efficiency,
 )
-from finetune.train.attention import VARLEN_SDPA, register_attention
+from finetune.train.attention import PER_SAMPLE_ATTENTION, register_attention
 from finetune.train.loss import kept_token_loss
 
 
@@ -133,7 +133,7 @@ def _adapter_grads(model) -> dict[str, torch.Tensor]:
 def test_packed_loss_and_gradients_equal_one_by_one(attn):
     register_attention()
     # What a packed run uses: our per-sample SDPA for sdpa, the block mask for eager.
-    model = _tiny_lora_model(VARLEN_SDPA if attn == "sdpa" else attn).float()
+    model = _tiny_lora_model(PER_SAMPLE_ATTENTION if attn == "sdpa" else attn).float()
     samples = _samples()
 
     packed_loss, _, count = kept_token_loss(model, collate_packed(samples, pad_token_id=0))
@@ -160,7 +160,7 @@ def test_packed_loss_and_gradients_equal_one_by_one(attn):
 
 def test_padded_batch_loss_equals_packed():
     register_attention()
-    model = _tiny_lora_model(VARLEN_SDPA).float()
+    model = _tiny_lora_model(PER_SAMPLE_ATTENTION).float()
     samples = _samples(1)
     packed, _, _ = kept_token_loss(model, collate_packed(samples, pad_token_id=0))
     padded, _, _ = kept_token_loss(model, collate_padded(samples, pad_token_id=0))

@@ -73,7 +73,9 @@ CHANGES = {
         tok,
     ),
     "type option": lambda tmp, tok: (
-        make_config(tmp, [{"path": str(tmp / "train.jsonl"), "type": "alpaca", "split": "all"}]),
+        make_config(
+            tmp, [{"path": str(tmp / "train.jsonl"), "type": "alpaca", "split": "train[:3]"}]
+        ),
         tok,
     ),
     "tokenizer": lambda tmp, tok: (make_config(tmp), _with_token(tok)),
@@ -174,7 +176,7 @@ def test_excess_length_strategies(tmp_path, smollm2_tokenizer):
     )
     assert sorted(truncated.train["length"]) == [sorted(truncated.train["length"])[0], 48]
     with pytest.raises(
-        DataRowError, match=r"long.jsonl: row 0: \d+ tokens, longer than sequence_len 48"
+        DataRowError, match=r"long.jsonl: row 1: \d+ tokens, longer than sequence_len 48"
     ):
         prepare_datasets(
             make_config(tmp_path, datasets, sequence_len=48, excess_length_strategy="raise"),
@@ -242,7 +244,7 @@ BAD_INPUTS = [
         "alpaca",
         {},
         DataRowError,
-        r"fields.jsonl: row 0: missing field 'instruction', 'output' for type alpaca; "
+        r"fields.jsonl: row 1: missing field 'instruction', 'output' for type alpaca; "
         r"fields found: question, reply; expected: instruction, output \(optional: input\)",
     ),
     (
@@ -252,7 +254,7 @@ BAD_INPUTS = [
         "chat_template",
         {"chat_template": "chatml"},
         DataRowError,
-        r"roles.jsonl: row 1: message 0 has unknown role 'narrator'",
+        r"roles.jsonl: row 2: message 0 has unknown role 'narrator'",
     ),
     ("empty.jsonl", "", "alpaca", {}, DataSourceError, r"empty.jsonl: file is empty"),
     (
@@ -269,7 +271,7 @@ BAD_INPUTS = [
         "chat_template",
         {"chat_template": "chatml"},
         DataRowError,
-        r"no rows left to train on: 1 read, 0 longer than sequence_len 2048, 1 with no trainable",
+        r"no rows left to train on: 1 read, 0 longer than sequence_len 512, 1 with no trainable",
     ),
 ]
 
@@ -357,7 +359,7 @@ def test_preprocess_cli_on_every_sample(tmp_path, smollm2_dir):
     for index, name in enumerate(SAMPLE_DATASETS):
         assert f"datasets[{index}] {SAMPLES / name}" in result.stdout
     assert "rows read 212, kept 212" in result.stdout
-    assert "⟦" in result.stdout  # the --debug mask view marks trained runs
+    assert "legend: each token is text(id, label)" in result.stdout  # the --debug mask view
 
 
 def test_preprocess_cli_bad_file_exits_2_without_traceback(tmp_path, smollm2_dir):

@@ -31,6 +31,10 @@ class Rendered:
     eos: Literal["trained", "masked"] | None = None
     # Long rows become several `sequence_len` chunks instead of being dropped (completion).
     split_long: bool = False
+    # Chat rows: trained assistant turns, and how many of them end with a trained stop token
+    # (the template's end-of-turn marker); for the stop-token audit in preprocess.
+    answers: int = 0
+    stopped: int = 0
 
 
 @dataclass
@@ -41,7 +45,9 @@ class Context:
     config: FinetuneConfig
     tokenizer: Any
     chat_template: str | None = None
-    end_of_turn: str | None = None
+    # The texts that end a turn, searched right after each message (eot_tokens, else the
+    # template's own end-of-turn marker).
+    end_of_turn: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -51,13 +57,16 @@ class Strategy:
     # Fields a row must have (given the dataset's options), and optional ones it may have.
     fields: Callable[[DatasetConfig], tuple[tuple[str, ...], tuple[str, ...]]]
     render: Callable[[dict, Context], Rendered]
+    # Inference: a user's text as the prompt this format trains on, and whether the tokenizer
+    # adds its special tokens (BOS) as in training; None for conversations (chat templates).
+    prompt: Callable[[str, Context], tuple[str, bool]] | None = None
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register(name: str, fields: Callable, render: Callable) -> None:
-    STRATEGIES[name] = Strategy(name, fields, render)
+def register(name: str, fields: Callable, render: Callable, prompt: Callable | None = None) -> None:
+    STRATEGIES[name] = Strategy(name, fields, render, prompt)
 
 
 def strategy_for(dataset: DatasetConfig) -> Strategy:

@@ -64,6 +64,13 @@ CHAT = PromptStyle(
     turn_format="USER: {instruction}\n{input}\nASSISTANT:",
     turn_no_input_format="USER: {instruction}\nASSISTANT:",
 )
+# Axolotl's `alpaca:phi` (its AlpacaPrompter "phi" style), byte for byte: the input follows
+# `<|end|>` without a newline and no newline follows `<|assistant|>`, exactly as Axolotl writes it.
+PHI = PromptStyle(
+    system_format="<|system|>\n{system}<|end|>\n",
+    turn_format="<|user|>\n{instruction}<|end|>{input}<|assistant|>",
+    turn_no_input_format="<|user|>\n{instruction}<|end|>\n<|assistant|>\n",
+)
 CHAT_QA = PromptStyle(
     system_format=CHAT.system_format,
     turn_format=CHAT.turn_format,
@@ -99,12 +106,16 @@ def _style_strategy(style: PromptStyle, instruction: str, input_name: str | None
         prompt = style.prompt(_text(row, instruction), input_text)
         return prompt_and_response(prompt, _text(row, output), ctx)
 
-    return fields, render
+    def prompt(text: str, ctx: Context) -> tuple[str, bool]:
+        return style.prompt(text, None), True
+
+    return fields, render, prompt
 
 
 register("alpaca", *_style_strategy(INSTRUCT, "instruction", "input", "output"))
 register("alpaca:chatml", *_style_strategy(CHATML, "instruction", "input", "output"))
 register("alpaca_chat", *_style_strategy(CHAT, "instruction", "input", "output"))
+register("alpaca:phi", *_style_strategy(PHI, "instruction", "input", "output"))
 register("alpaca_chat.load_qa", *_style_strategy(CHAT_QA, "question", None, "answer"))
 
 
@@ -131,4 +142,10 @@ def _user_defined_render(row: dict, ctx: Context) -> Rendered:
     return prompt_and_response(prompt, _text(row, fmt.field_output), ctx)
 
 
-register("user_defined", _user_defined_fields, _user_defined_render)
+def _user_defined_prompt(text: str, ctx: Context) -> tuple[str, bool]:
+    fmt = ctx.dataset.type
+    row = {fmt.field_instruction: text, fmt.field_output: ""}
+    return _user_defined_render(row, ctx).text, True
+
+
+register("user_defined", _user_defined_fields, _user_defined_render, _user_defined_prompt)

@@ -21,4 +21,8 @@ def render(row: dict, ctx: Context) -> Rendered:
     return Rendered(text, [(0, len(text))], eos="trained", split_long=True)
 
 
-register("completion", fields, render)
+def prompt(text: str, ctx: Context) -> tuple[str, bool]:
+    return text, True  # the text to continue
+
+
+register("completion", fields, render, prompt)

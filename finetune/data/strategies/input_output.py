@@ -20,9 +20,15 @@ def render(row: dict, ctx: Context) -> Rendered:
             raise RowError(f"segments[{i}] should be a mapping with a `text` string")
         start = len(text)
         text += segment["text"]
-        if segment.get("label", True) or ctx.config.train_on_inputs:
+        # A segment without `label` is trained (rows read through Arrow carry it as null).
+        label = segment.get("label")
+        if label is None or label or ctx.config.train_on_inputs:
             spans.append((start, len(text)))
     return Rendered(text, spans, add_special_tokens=False)
 
 
-register("input_output", fields, render)
+def prompt(text: str, ctx: Context) -> tuple[str, bool]:
+    return text, False  # segments are used as given, with no special tokens
+
+
+register("input_output", fields, render, prompt)
