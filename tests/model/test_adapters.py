@@ -1,0 +1,88 @@
+"""Trained embeddings and lm_head (`lora_modules_to_save`, needed for new tokens) keep float32
+master weights whatever the compute dtype, so small updates are not rounded away in bf16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from finetune.config import FinetuneConfig
+from finetune.model.adapters import attach_adapter
+from finetune.model.load import load_model, load_tokenizer
+from finetune.train import train
+
+SAMPLES = Path(__file__).parents[2] / "data" / "samples"
+SAVED = ["embed_tokens", "lm_head"]
+
+
+@pytest.fixture(scope="module")
+def untied_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 2-layer Llama whose lm_head is its own matrix (not tied to the embeddings)."""
+    folder = tmp_path_factory.mktemp("untied-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=smollm2_tokenizer.bos_token_id,
+        eos_token_id=smollm2_tokenizer.eos_token_id,
+        pad_token_id=smollm2_tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def bf16_config(tmp_path: Path, model_dir: Path, **options) -> FinetuneConfig:
+    values = {
+        "base_model": str(model_dir),
+        "datasets": [{"path": str(SAMPLES / "alpaca.jsonl"), "type": "alpaca"}],
+        "adapter": "lora",
+        "lora_target_linear": True,
+        "lora_modules_to_save": SAVED,
+        "bf16": True,
+        "micro_batch_size": 4,
+        "max_steps": 1,
+        "save_steps": 1000,
+        "output_dir": str(tmp_path / "out"),
+        "dataset_prepared_path": str(tmp_path / "prepared"),
+    }
+    return FinetuneConfig(**{**values, **options})
+
+
+def test_trained_copies_are_float32_and_the_frozen_base_stays_bf16(tmp_path, untied_model_dir):
+    config = bf16_config(tmp_path, untied_model_dir)
+    model = attach_adapter(
+        load_model(config, load_tokenizer(config)), config, log=lambda message: None
+    )
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    copies = {n: dtype for n, dtype in trained.items() if "modules_to_save" in n}
+    assert sorted(n.split(".modules_to_save")[0].rsplit(".", 1)[-1] for n in copies) == SAVED
+    assert set(trained.values()) == {torch.float32}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}
+
+
+def test_a_tiny_update_to_lm_head_is_not_lost_to_bf16_rounding(tmp_path, untied_model_dir):
+    # One Adam step moves every lm_head weight by about learning_rate = 1e-5, below half a bf16
+    # step for most of these weights (N(0, 0.02)): in bf16 those updates would round away.
+    config = bf16_config(tmp_path, untied_model_dir, learning_rate=1e-5)
+    base = load_file(untied_model_dir / "model.safetensors")["lm_head.weight"]
+    start = base.to(torch.bfloat16).float()  # what training started from (loaded in bf16)
+    train(config, log=lambda message: None)
+
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    trained = saved["base_model.model.lm_head.weight"]
+    assert trained.dtype == torch.float32
+    step = (trained - start).abs()
+    assert (step > 0).float().mean() > 0.9  # nearly every weight moved...
+    assert step.max() < 2e-5  # ...by about the learning rate...
+    assert (trained.to(torch.bfloat16).float() == start).float().mean() > 0.75  # ...below bf16
