@@ -63,8 +63,9 @@ def main() -> None:
     kept = recorded_sections() if only else {}
     sections = []
     for script in scripts:
-        if only and script.name not in only and script.name in kept:
-            sections.append(kept[script.name])
+        if only and script.name not in only:
+            if script.name in kept:  # a script never recorded stays out until it is run
+                sections.append(kept[script.name])
             continue
         started = time.perf_counter()
         print(f"running {script.name} ...", flush=True)

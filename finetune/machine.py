@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cache
 
 from finetune.config import FinetuneConfig
-from finetune.errors import ModelLoadError
+from finetune.errors import ModelLoadError, TrainingError
 
 
 @cache
@@ -29,11 +29,41 @@ def bf16_supported() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def resolve_for_machine(config: FinetuneConfig) -> FinetuneConfig:
-    """The config with `bf16: auto` decided for this machine."""
+@cache
+def tf32_supported() -> bool:
+    """True on CUDA GPUs of the Ampere generation or later."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def resolve_for_machine(
+    config: FinetuneConfig,
+    *,
+    cuda: bool | None = None,
+    bf16: bool | None = None,
+    tf32: bool | None = None,
+) -> FinetuneConfig:
+    """The config with every `auto` precision setting decided for this machine (or for the
+    capabilities given).
+
+    `bf16: auto` is bf16 where the hardware has it natively (CUDA GPUs with bf16, CPUs with
+    AVX512-BF16 or AMX). As in Axolotl, a GPU without bf16 falls back to fp16 mixed precision
+    unless `fp16` is set; unlike Axolotl, a CPU without bf16 trains in fp32 (fp16 mixed
+    precision needs a GPU). `tf32: auto` is on for Ampere+ GPUs.
+    """
+    cuda = cuda_available() if cuda is None else cuda
+    update = {}
     if config.bf16 == "auto":
-        return config.model_copy(update={"bf16": not config.fp16 and bf16_supported()})
-    return config
+        native = bf16_supported() if bf16 is None else bf16
+        update["bf16"] = not config.fp16 and native
+        if config.fp16 is None:
+            update["fp16"] = not update["bf16"] and cuda
+    elif config.fp16 is None:
+        update["fp16"] = False
+    if config.tf32 == "auto":
+        update["tf32"] = tf32_supported() if tf32 is None else tf32
+    return config.model_copy(update=update) if update else config
 
 
 def machine_warnings(config: FinetuneConfig) -> list[str]:
@@ -42,13 +72,49 @@ def machine_warnings(config: FinetuneConfig) -> list[str]:
     gpu = cuda_available()
     if config.attn_implementation == "flash_attention_2" and not gpu:
         warnings.append("attn_implementation: flash_attention_2 needs a CUDA GPU; none here")
+    if config.gradient_checkpointing == "offload" and not gpu:
+        warnings.append("gradient_checkpointing: offload needs a CUDA GPU; `train` refuses it here")
     if config.fp16 and not gpu:
         warnings.append("fp16: mixed float16 training needs a CUDA GPU; none here")
     if config.bf16 is True and not bf16_supported():
         warnings.append("bf16: this machine has no native bf16 support; use `bf16: auto`")
-    if config.fsdp or config.fsdp_config:
-        warnings.append("fsdp: not supported by finetune yet; `train` refuses it, use deepspeed")
+    refusal = fsdp_refusal(config, cuda=gpu)
+    if refusal:
+        warnings.append(f"{refusal} (`train` refuses it)")
     return warnings
+
+
+def fsdp_refusal(
+    config: FinetuneConfig, *, cuda: bool | None = None, launched: bool | None = None
+) -> str | None:
+    """Why this FSDP config cannot train here, or None.
+
+    FSDP1 is refused everywhere. FSDP2 runs through Accelerate, which (1.15) switches FSDP on
+    only for GPU-like devices: on CPU processes it keeps DDP and the HF Trainer trains unsharded
+    without a word, so a CPU run is refused (torch's FSDP2 itself runs on CPU with gloo;
+    tests/train/test_fsdp.py checks our adapters under it). The HF Trainer also refuses FSDP
+    in a process no launcher started (torchrun and accelerate launch set LOCAL_RANK, even for
+    one process); `launched` None skips that check (validate).
+    """
+    if not config.uses_fsdp():
+        return None
+    if config.fsdp_version != 2:
+        return (
+            "fsdp: FSDP1 (fsdp_version: 1, Axolotl's default when fsdp_version is unset) is not "
+            "supported; set fsdp_version: 2 to shard with FSDP2"
+        )
+    cuda = cuda_available() if cuda is None else cuda
+    if not cuda:
+        return (
+            "fsdp_version: 2 needs CUDA GPUs: Accelerate shards with FSDP only on GPUs and would "
+            "train unsharded on this CPU; use deepspeed: zero3 here"
+        )
+    if launched is False:
+        return (
+            "fsdp_version: 2 runs one process per GPU under a launcher: `finetune train CONFIG "
+            "--num-processes N` (or torchrun / accelerate launch, also for one GPU)"
+        )
+    return None
 
 
 def check_combinations_for_machine(config: FinetuneConfig) -> None:
@@ -64,8 +130,35 @@ def check_combinations_for_machine(config: FinetuneConfig) -> None:
         raise ModelLoadError(
             "attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa on this machine"
         )
-    if config.fsdp or config.fsdp_config:
-        raise ModelLoadError("fsdp: not supported by finetune yet; use deepspeed (ZeRO-2/3)")
+    import os
+
+    refusal = fsdp_refusal(config, launched="LOCAL_RANK" in os.environ)
+    if refusal:
+        raise TrainingError(refusal)
+    if config.gradient_checkpointing == "offload" and not torch.cuda.is_available():
+        raise TrainingError(
+            "gradient_checkpointing: offload parks activations in CPU memory to free GPU "
+            "memory; without a CUDA GPU they are in CPU memory already. Use "
+            "gradient_checkpointing: true"
+        )
+
+
+def check_one_process_per_gpu(gpus: int | None = None, world_size: int | None = None) -> None:
+    """One process that sees several GPUs would fall into torch's DataParallel inside the HF
+    Trainer, which splits packed rows and their per-sample boundaries across GPUs: refused, with
+    the command that runs one process per GPU."""
+    import os
+
+    import torch
+
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if gpus > 1 and world_size == 1:
+        raise ModelLoadError(
+            f"this process sees {gpus} GPUs; finetune runs one process per GPU: `finetune train "
+            f"CONFIG --num-processes {gpus}` (or accelerate launch / torchrun), or choose one GPU "
+            "with CUDA_VISIBLE_DEVICES=0"
+        )
 
 
 # mallopt parameters from glibc's <malloc.h>.

@@ -55,3 +55,16 @@ def test_cpu_training_does_not_page_fault_freed_memory_in_again():
 def test_users_own_malloc_tuning_is_left_alone():
     tuned = rounds("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000")
     assert tuned["applied"] is False
+
+
+def test_one_process_never_drives_several_gpus_through_data_parallel():
+    import pytest
+
+    from finetune.errors import ModelLoadError
+    from finetune.machine import check_one_process_per_gpu
+
+    with pytest.raises(ModelLoadError, match="--num-processes 4"):
+        check_one_process_per_gpu(gpus=4, world_size=1)
+    check_one_process_per_gpu(gpus=4, world_size=4)  # one process per GPU: fine
+    check_one_process_per_gpu(gpus=1, world_size=1)
+    check_one_process_per_gpu(gpus=0, world_size=1)

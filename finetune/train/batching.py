@@ -6,15 +6,19 @@ from collections.abc import Callable
 
 from finetune.config import FinetuneConfig
 from finetune.data.packing import BatchPlan, collate_packed, collate_padded
+from finetune.train.attention_choice import AttentionChoice
 
 
-def batch_plans(config: FinetuneConfig, prepared, rank: int, world: int):
-    """This rank's training batches and (when there is eval data) eval batches."""
+def batch_plans(
+    config: FinetuneConfig, prepared, attention: AttentionChoice, rank: int, world: int
+):
+    """This rank's training batches and (when there is eval data) eval batches, packed as
+    `attention` decided."""
     train_plan = BatchPlan(
         prepared.train["length"],
         config.micro_batch_size,
         config.sequence_len,
-        packed=config.sample_packing,
+        packed=attention.packed,
         seed=config.seed,
         rank=rank,
         world_size=world,
@@ -25,11 +29,12 @@ def batch_plans(config: FinetuneConfig, prepared, rank: int, world: int):
             prepared.eval["length"],
             config.eval_batch_size or config.micro_batch_size,
             config.sequence_len,
-            packed=config.eval_sample_packing,
+            packed=attention.eval_packed,
             seed=config.seed,
             shuffle=False,
             rank=rank,
             world_size=world,
+            every_sample=True,
         )
     return train_plan, eval_plan
 

@@ -75,3 +75,25 @@ def plot_losses(metrics: Path, image: Path) -> None:
     figure.tight_layout()
     figure.savefig(image, dpi=100)
     plt.close(figure)
+
+
+class LossWatchdog(TrainerCallback):
+    """Axolotl's loss watchdog: stop when the logged loss stays above `threshold` for
+    `patience` logs in a row (Axolotl counts optimizer steps re-reading the last logged loss;
+    with logging_steps 1 the two agree)."""
+
+    def __init__(self, threshold: float, patience: int, say):
+        self.threshold, self.patience, self.say = threshold, patience, say
+        self.above = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        self.above = self.above + 1 if logs["loss"] > self.threshold else 0
+        if self.above >= self.patience:
+            control.should_training_stop = True
+            self.say(
+                f"loss watchdog: the loss stayed above loss_watchdog_threshold {self.threshold:g} "
+                f"for {self.above} logs (last {logs['loss']:.4g}); training stopped at step "
+                f"{state.global_step}"
+            )

@@ -83,11 +83,9 @@ def assert_same_adapter(output: Path, reference: dict) -> None:
     assert len(lines) == 4  # written once, by the main process only
 
 
-@pytest.mark.parametrize(
-    "deepspeed", [None, "zero2.json", "zero3.json"], ids=["ddp", "zero2", "zero3"]
-)
+@pytest.mark.parametrize("deepspeed", [None, "zero2", "zero3"], ids=["ddp", "zero2", "zero3"])
 def test_two_processes_train_the_same_adapter(tmp_path, tiny_model_dir, reference, deepspeed):
-    options = {"deepspeed": str(ROOT / "deepspeed_configs" / deepspeed)} if deepspeed else {}
+    options = {"deepspeed": deepspeed} if deepspeed else {}  # bundled configs, by name
     config = write_config(tmp_path, tiny_model_dir, tmp_path / "prepared", **options)
     train_on_two_processes(config, tmp_path)
     assert_same_adapter(tmp_path / "out", reference)
@@ -136,7 +134,7 @@ def test_deepspeed_in_one_process_without_a_launcher(tmp_path, tiny_model_dir, r
         tiny_model_dir,
         tmp_path / "prepared",
         micro_batch_size=2,
-        deepspeed=str(ROOT / "deepspeed_configs" / "zero2.json"),
+        deepspeed="zero2",
     )
     run([sys.executable, "-m", "finetune", "train", str(config)], tmp_path)
     assert_same_adapter(tmp_path / "out", reference)
@@ -156,9 +154,143 @@ def test_qlora_under_zero3_with_two_processes(tmp_path, tiny_model_dir, referenc
         tmp_path / "prepared",
         adapter="qlora",
         load_in_4bit=True,
-        deepspeed=str(ROOT / "deepspeed_configs" / "zero3.json"),
+        deepspeed="zero3",
     )
     train_on_two_processes(config, tmp_path)
     trained = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert trained.keys() == reference.keys()
     assert all(trained[k].abs().max() > 0 for k in trained if "lora_B" in k)  # B started at 0
+
+
+def _metrics(output: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_log_the_one_process_loss_tokens_and_eval(tmp_path, tiny_model_dir):
+    """Same global batch, one process or two: the same logged loss (a uniform scale error in
+    the loss or gradients would show here, where Adam would hide it in the adapter), the same
+    trained-token counts (summed over processes, not multiplied), and the same eval loss on an
+    eval set smaller than the number of processes x batch (every sample evaluated once)."""
+    # Plain SGD with a large step: the loss moves in proportion to the gradient (Adam would
+    # normalise a scale error away and amplify all-reduce rounding into visible differences).
+    options = {
+        "val_set_size": 3,
+        "evals_per_epoch": 1,
+        # 5 training samples: two full global batches. (A third step would hold the epoch's
+        # last sample, alone on one process and beside a repeated one on two, as in HF's
+        # distributed sampler, so that its loss legitimately differs.)
+        "max_steps": 2,
+        "optimizer": "sgd",
+        "learning_rate": 0.5,
+        "warmup_steps": 0,
+    }
+    one = write_config(
+        tmp_path / "one",
+        tiny_model_dir,
+        tmp_path / "one" / "prepared",
+        micro_batch_size=2,
+        **options,
+    )
+    run([sys.executable, "-m", "finetune", "train", str(one)], tmp_path)
+    two = write_config(tmp_path / "two", tiny_model_dir, tmp_path / "two" / "prepared", **options)
+    train_on_two_processes(two, tmp_path)
+    single, double = _metrics(tmp_path / "one" / "out"), _metrics(tmp_path / "two" / "out")
+
+    def series(records: list[dict], key: str) -> list:
+        return [record[key] for record in records if key in record]
+
+    for key in ("loss", "eval_loss"):
+        pairs = list(zip(series(single, key), series(double, key), strict=True))
+        assert pairs and all(abs(a - b) <= 1e-5 * max(1, abs(a)) for a, b in pairs), (key, pairs)
+    losses = series(single, "loss")
+    assert abs(losses[-1] - losses[0]) > 1e-3, losses  # training moved the loss
+    assert series(single, "trained_tokens") == series(double, "trained_tokens")
+
+
+POISON = """
+import os, sys, torch
+from transformers import TrainerCallback
+from finetune.config import load_config
+from finetune.train import train
+
+class PoisonOneRank(TrainerCallback):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 2 and os.environ["RANK"] == "1":
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "lora_B" in name:
+                        param.fill_(float("nan"))
+
+train(load_config(sys.argv[1]).config, callbacks=[PoisonOneRank()])
+"""
+
+
+def test_a_nan_on_one_process_stops_every_process_at_the_same_step(tmp_path, tiny_model_dir):
+    config = write_config(
+        tmp_path, tiny_model_dir, tmp_path / "prepared", max_steps=6, ddp_timeout=600
+    )
+    script = tmp_path / "poison.py"
+    script.write_text(POISON)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run(
+        torchrun(
+            "--nproc_per_node", "2", "--master_port", str(free_port()), str(script), str(config)
+        ),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a hang would wait for ddp_timeout (600 s)
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "the loss became nan at step 3" in output, output[-3000:]  # the poisoned process
+    assert "the loss became not finite on another process at step 3" in output  # the other
+
+
+ZERO3_SHARDS = """
+import json, os, sys
+from transformers import TrainerCallback
+from finetune.config import load_config
+from finetune.train import train
+
+class CountShards(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        local = total = 0
+        for param in model.parameters():
+            if hasattr(param, "ds_numel"):
+                local += param.ds_tensor.numel()
+                total += param.ds_numel
+        with open(f"shards-{os.environ['RANK']}.json", "w") as handle:
+            json.dump({"local": local, "total": total}, handle)
+
+train(load_config(sys.argv[1]).config, callbacks=[CountShards()])
+"""
+
+
+def test_qlora_under_zero3_holds_half_of_the_parameters_per_process(tmp_path, tiny_model_dir):
+    config = write_config(
+        tmp_path,
+        tiny_model_dir,
+        tmp_path / "prepared",
+        adapter="qlora",
+        load_in_4bit=True,
+        deepspeed="zero3",
+        max_steps=1,
+    )
+    script = tmp_path / "shards.py"
+    script.write_text(ZERO3_SHARDS)
+    run(
+        torchrun(
+            "--nproc_per_node", "2", "--master_port", str(free_port()), str(script), str(config)
+        ),
+        tmp_path,
+    )
+    import json
+
+    counts = [json.loads((tmp_path / f"shards-{rank}.json").read_text()) for rank in (0, 1)]
+    for count in counts:
+        assert count["total"] > 0
+        assert 0.45 <= count["local"] / count["total"] <= 0.55, counts

@@ -151,6 +151,7 @@ def test_two_preprocess_runs_at_once_share_one_valid_cache(tmp_path, smollm2_dir
                 "base_model": str(smollm2_dir),
                 "datasets": [{"path": str(data), "type": "chat_template"}],
                 "dataset_prepared_path": str(tmp_path / "prepared"),
+                "sequence_len": 2048,  # every generated conversation fits
             }
         )
     )
