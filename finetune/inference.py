@@ -8,11 +8,14 @@ scripted lists).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import BatchEncoding
 from transformers.generation.streamers import BaseStreamer
 
+from finetune.config import FinetuneConfig
 from finetune.dtypes import torch_dtype_named
 from finetune.errors import FinetuneError, ModelLoadError
 from finetune.model.source import model_source
@@ -32,6 +35,7 @@ def load_for_inference(
     dtype: torch.dtype | str = "auto",
     device: str | torch.device | None = None,
     model_kwargs: dict | None = None,
+    tokenizer_dir: Path | None = None,
 ):
     """Load a model and its tokenizer, ready for `generate_reply`.
 
@@ -43,7 +47,8 @@ def load_for_inference(
     tokenizer with the chat template it trained on; otherwise from `model_path`.
     `dtype` is a torch dtype or its name ("bfloat16", "float32", "auto"); `device` defaults to
     the GPU when there is one. `model_kwargs` go to `from_pretrained` (e.g. a
-    quantization_config or attn_implementation).
+    quantization_config or attn_implementation). `tokenizer_dir` takes the tokenizer from
+    another folder (a run's, to query the base model with the run's template).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,8 +62,9 @@ def load_for_inference(
             )
     source, extra = model_source(str(model_path))
     try:
-        if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        tokenizer_dir = tokenizer_dir or adapter_dir
+        if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(
@@ -80,8 +86,74 @@ def load_for_inference(
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if adapter_dir is not None:
         model = _attach_adapter(model, tokenizer, adapter_dir)
+    elif len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # a run's tokenizer with added tokens
     model.eval()
     return model, tokenizer
+
+
+@dataclass
+class PromptFormat:
+    """How a user's message becomes the model's input, exactly as the run trained: through the
+    chat template for conversations, or a dataset type's own prompt (alpaca, a custom format,
+    completion, input_output)."""
+
+    name: str  # the dataset type, or "chat_template"
+    build: Callable[[str], tuple[str, bool]] | None = None  # text -> (prompt, special tokens)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.build is None
+
+
+CHAT = PromptFormat("chat_template")
+
+
+def prompt_format(config: FinetuneConfig | None, tokenizer) -> PromptFormat:
+    """The format of the run's first training dataset (the chat template for chat data, or a
+    run without a config)."""
+    from finetune.data.strategies import Context, strategy_for
+
+    if config is None:
+        return CHAT
+    dataset = config.datasets[0]
+    strategy = strategy_for(dataset)
+    if strategy.prompt is None:
+        return CHAT
+    ctx = Context(dataset=dataset, config=config, tokenizer=tokenizer)
+    name = dataset.type if isinstance(dataset.type, str) else "custom format"
+    return PromptFormat(name, lambda text: strategy.prompt(text, ctx))
+
+
+def prompt_inputs(tokenizer, messages: list[dict], fmt: PromptFormat = CHAT) -> tuple[str, dict]:
+    """(the exact prompt text, the model inputs) for `messages` in format `fmt`."""
+    if fmt.is_chat:
+        if not tokenizer.chat_template:
+            raise FinetuneError(
+                f"tokenizer {tokenizer.name_or_path!r} has no chat template; set `chat_template` "
+                "in the config (e.g. chatml) and train with it, or use a model that ships one"
+            )
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        return text, inputs
+    if len(messages) != 1 or messages[0]["role"] != "user":
+        raise FinetuneError(
+            f"this run trained on single prompts ({fmt.name}); there is no conversation or "
+            "system message to format: give one prompt (--prompt, or lines on stdin)"
+        )
+    text, special_tokens = fmt.build(messages[0]["content"])
+    inputs = tokenizer(text, add_special_tokens=special_tokens, return_tensors="pt")
+    # Training tokenized prompt and answer as one text, so a prompt's trailing space ("Answer: ")
+    # went into the answer's first token (" Seven"). Keep only the tokens that stay the same
+    # when an answer follows, as in training; the model writes the rest.
+    ids = inputs["input_ids"][0].tolist()
+    probe = tokenizer(text + "A", add_special_tokens=special_tokens)["input_ids"]
+    keep = next((i for i, (a, b) in enumerate(zip(ids, probe, strict=False)) if a != b), len(ids))
+    if keep < len(ids):
+        inputs = BatchEncoding({name: value[:, :keep] for name, value in inputs.items()})
+    return text, inputs
 
 
 def generate_reply(
@@ -92,29 +164,28 @@ def generate_reply(
     temperature: float = 0.0,
     top_p: float = 1.0,
     stream: Callable[[str], object] | None = None,
+    fmt: PromptFormat = CHAT,
+    show_prompt: Callable[[str, int], object] | None = None,
 ) -> str:
     """The assistant's reply to `messages` (`[{"role": ..., "content": ...}, ...]`).
 
-    The conversation is formatted with the tokenizer's chat template and a generation prompt.
-    Decoding is greedy when `temperature` is 0, else sampled with `temperature` and `top_p`. It
-    stops at eos or the template's end-of-turn token. With `stream`, each new piece of text is
-    passed to it as soon as it is decoded; the pieces join to exactly the returned text.
+    The conversation is formatted as the run trained (`fmt`: the tokenizer's chat template and
+    a generation prompt by default). Decoding is greedy when `temperature` is 0, else sampled
+    with `temperature` and `top_p`. It stops at eos or the template's end-of-turn token. With
+    `stream`, each new piece of text is passed to it as soon as it is decoded; the pieces join
+    to exactly the returned text. `show_prompt` gets the exact prompt text and its token count.
     """
     from transformers import GenerationConfig
 
-    if not tokenizer.chat_template:
-        raise FinetuneError(
-            f"tokenizer {tokenizer.name_or_path!r} has no chat template; set `chat_template` in "
-            "the config (e.g. chatml) and train with it, or use a model that ships one"
-        )
     if temperature < 0 or not 0 < top_p <= 1:
         raise FinetuneError(
             f"temperature must be >= 0 and top_p in (0, 1]; got temperature={temperature}, "
             f"top_p={top_p}"
         )
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    ).to(model.device)
+    text, inputs = prompt_inputs(tokenizer, messages, fmt)
+    inputs = inputs.to(model.device)
+    if show_prompt is not None:
+        show_prompt(text, inputs["input_ids"].shape[1])
     stop_ids = end_of_turn_ids(model, tokenizer)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
     # A fresh GenerationConfig, not the model's: its saved sampling defaults would otherwise

@@ -165,7 +165,7 @@ def resolve_dtype(dtype: str | None, config: dict, checkpoint: dict[str, TensorI
     return short
 
 
-def read_model_layout(base_dir: Path) -> ModelLayout:
+def read_model_layout(base_dir: Path, trust_remote_code: bool = False) -> ModelLayout:
     """Tied weights, embeddings and 4-bit-quantized layers, from a weightless model instance."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
@@ -177,7 +177,8 @@ def read_model_layout(base_dir: Path) -> ModelLayout:
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
+            config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as exc:
         raise MergeError(
             f"{base_dir / 'config.json'}: transformers cannot build it ({exc})"

@@ -74,6 +74,7 @@ def merge_adapter(
     nf4_double_quant: bool = True,
     verify: bool | None = None,
     revision: str | None = None,
+    trust_remote_code: bool = False,
     log: Callable[[str], object] = print,
 ) -> MergeReport:
     """Write `base` with the adapter in `adapter_dir` folded in to `output_dir`.
@@ -98,6 +99,9 @@ def merge_adapter(
     computes what training saw at the price of the nf4 rounding error. The output is never
     re-quantized.
 
+    `trust_remote_code` lets transformers run the checkpoint's own model code (to read its
+    layout and to verify), as in training; off unless the run had it.
+
     `verify` loads base+adapter with peft and the merged model, and compares logits and greedy
     continuations of a few token-id prompts; None verifies when both fit comfortably in RAM.
     Raises MergeError, leaving any existing `output_dir` untouched, when anything is wrong.
@@ -111,7 +115,7 @@ def merge_adapter(
     config = read_base_config(base_dir)
     checkpoint = read_checkpoint_index(base_dir)
     out_dtype = resolve_dtype(dtype, config, checkpoint)
-    layout = read_model_layout(base_dir)
+    layout = read_model_layout(base_dir, trust_remote_code)
     names = checkpoint_names(checkpoint, layout)
     adapter = align_adapter(adapter, names)
     plan = plan_output(checkpoint, adapter, layout, names, FLOAT_DTYPES[out_dtype], max_shard_size)
@@ -144,11 +148,11 @@ def merge_adapter(
         write_shard_index(plan, staging)
         write_model_config(config, plan.config_changes, staging)
         match_file_modes(staging)
-        write_generation_config(base_dir, staging)
+        write_generation_config(adapter.folder, base_dir, staging)
         copy_tokenizer(adapter.folder, base_dir, staging)
         if verify or (verify is None and fits_in_memory_twice(plan)):
             report.max_abs_logit_diff, report.greedy_agreement = check_merged_model(
-                base_dir, adapter.folder, staging, nf4, out_dtype, target, log
+                base_dir, adapter.folder, staging, nf4, out_dtype, target, log, trust_remote_code
             )
     report.seconds = time.perf_counter() - started
     log(f"merged model written to {target} in {report.seconds:.1f} s")

@@ -38,6 +38,7 @@ def check_merged_model(
     dtype: str,
     target: Path,
     log: Callable[[str], object],
+    trust_remote_code: bool = False,
 ) -> tuple[float, float]:
     """Compare the merged model (in `merged_dir`, staged for `target`) with peft's
     base+adapter on a few prompts: (max |logit difference|, share of greedy agreement).
@@ -56,10 +57,12 @@ def check_merged_model(
             bnb_4bit_use_double_quant=nf4.double_quant,
             bnb_4bit_compute_dtype=nf4.compute_dtype,
         )
+    remote = {"trust_remote_code": trust_remote_code}
     reference = AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=torch.float32, quantization_config=quantization
+        base_dir, dtype=torch.float32, quantization_config=quantization, **remote
     )
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, **remote)
+    merged = merged.eval()
     vocab_size = merged.get_input_embeddings().num_embeddings
     if reference.get_input_embeddings().num_embeddings != vocab_size:  # tokens were added
         reference.resize_token_embeddings(vocab_size, mean_resizing=False)

@@ -85,11 +85,13 @@ def match_file_modes(folder: Path) -> None:
         shard.chmod(mode)
 
 
-def write_generation_config(base_dir: Path, folder: Path) -> None:
-    source = base_dir / "generation_config.json"
-    if source.is_file():
-        shutil.copy2(source, folder / source.name)
-        return
+def write_generation_config(adapter_folder: Path, base_dir: Path, folder: Path) -> None:
+    """The run's generation_config.json (training adds its end-of-turn token to the stop
+    tokens), else the base's, else one derived from config.json."""
+    for source in (adapter_folder / "generation_config.json", base_dir / "generation_config.json"):
+        if source.is_file():
+            shutil.copy2(source, folder / source.name)
+            return
     from transformers import AutoConfig, GenerationConfig
 
     model_config = AutoConfig.from_pretrained(folder)
