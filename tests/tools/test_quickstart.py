@@ -1,5 +1,6 @@
-"""A shortened quickstart through the CLI on the real SmolLM2-135M-Instruct, and `finetune
-inference` on its result: --prompt, prompts on stdin, and a scripted --chat session."""
+"""A shortened quickstart through the CLI on the real SmolLM2-135M-Instruct, run as `make
+quickstart` runs it (train, merge, export q8_0, eval with the merged model and the GGUF), and
+`finetune inference` on its result: --prompt, prompts on stdin, and a scripted --chat session."""
 
 from __future__ import annotations
 
@@ -12,9 +13,6 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-import quickstart_scorecard as quickstart  # noqa: E402 (a developer tool, not in the package)
-
 FACTS = 4  # of the 32: same code path, a fraction of the time
 
 
@@ -32,22 +30,28 @@ def finetune(*args: str, stdin: str | None = None, cwd: Path = ROOT) -> subproce
 
 
 def first_rows(source: Path, target: Path, facts: int) -> Path:
-    wanted = []
+    """The rows of the first `facts` facts."""
+    wanted, lines = [], []
     for line in source.read_text().splitlines():
-        row = json.loads(line)
-        if row["fact"] not in wanted:
-            wanted.append(row["fact"])
+        fact = json.loads(line)["fact"]
+        if fact not in wanted:
+            wanted.append(fact)
         if len(wanted) > facts:
             break
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "a") as handle:
-            handle.write(line + "\n")
+        lines.append(line + "\n")
+    target.write_text("".join(lines))
     return target
+
+
+def questions(path: Path) -> list[tuple[str, str]]:
+    """(the user's question, the key fact) of each row."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(row["messages"][0]["content"], row["fact"]) for row in rows]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, smollm2_dir):
-    """Train and merge a 4-fact quickstart once for this module."""
+    """Train, merge and export a 4-fact quickstart once for this module."""
     folder = tmp_path_factory.mktemp("quickstart")
     facts = first_rows(ROOT / "data/samples/quickstart_facts.jsonl", folder / "facts.jsonl", FACTS)
     heldout = first_rows(
@@ -67,30 +71,39 @@ def run(tmp_path_factory, smollm2_dir):
     path.write_text(yaml.safe_dump(config))
     finetune("train", str(path))
     finetune("merge", str(path))
-    return path, heldout
+    gguf = finetune("export", str(path), "--format", "gguf", "--quant", "q8_0").stdout
+    return path, heldout, Path(gguf.strip().splitlines()[-1])
 
 
-def test_fine_tuned_model_recalls_more_facts_and_merged_agrees(run):
-    path, heldout = run
-    scores = quickstart.run(path, heldout, trained=None, limit=None)
-    assert scores.tuned_heldout > scores.base_heldout
-    assert scores.tuned_heldout >= 0.5
-    assert scores.merged_agreement == 1.0  # the merged model gives the adapter's greedy answers
+def test_eval_shows_the_facts_learned_and_the_merge_and_gguf_agree(run):
+    path, heldout, gguf = run
+    result = finetune(
+        "eval", str(path), "--data", str(heldout), "--merged", "--gguf", str(gguf), "--show", "2"
+    )
+    saved = json.loads((path.parent / "out" / "eval.json").read_text())
+    base, tuned = saved["base"], saved["finetuned"]
+    assert tuned["model"] == "merged"
+    assert tuned["loss"] < base["loss"] / 2
+    assert tuned["contains"] >= 0.5 > base["contains"]
+    assert tuned["token_f1"] > base["token_f1"]
+    assert saved["merged_agreement"]["ok"] and saved["gguf_agreement"]["ok"]
+    assert saved["gguf_agreement"]["same_answers"] == saved["gguf_agreement"]["answers"] == 8
+    assert "GGUF q8_0 vs fine-tuned model: 8/8 greedy answers identical" in result.stdout
 
 
 def test_inference_prompt_uses_the_adapter(run):
-    path, heldout = run
-    question = quickstart.read_questions(heldout)[0]
-    adapter = finetune("inference", str(path), "--prompt", question.text, "--max-new-tokens", "32")
+    path, heldout, _ = run
+    question, fact = questions(heldout)[0]
+    adapter = finetune("inference", str(path), "--prompt", question, "--max-new-tokens", "32")
     base = finetune(
-        "inference", str(path), "--base", "--prompt", question.text, "--max-new-tokens", "32"
+        "inference", str(path), "--base", "--prompt", question, "--max-new-tokens", "32"
     )
-    assert question.fact.lower() in adapter.stdout.lower()
-    assert question.fact.lower() not in base.stdout.lower()
+    assert fact.lower() in adapter.stdout.lower()
+    assert fact.lower() not in base.stdout.lower()
 
 
 def test_inference_reads_prompts_from_stdin(run):
-    path, _ = run
+    path, _, _ = run
     result = finetune(
         "inference",
         str(path),
@@ -105,7 +118,7 @@ def test_inference_reads_prompts_from_stdin(run):
 
 
 def test_scripted_chat_keeps_history(run):
-    path, _ = run
+    path, _, _ = run
     script = "The secret word is Ada.\nWhat is the secret word?\n/exit\n"
     result = finetune(
         "inference", str(path), "--base", "--chat", "--max-new-tokens", "32", stdin=script
