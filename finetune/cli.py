@@ -1,4 +1,9 @@
-"""The `finetune` command line: one thin function per verb."""
+"""The `finetune` command line: one thin function per verb.
+
+Longer than the ~400-line guide because it holds every verb with its options and their help
+text (the `--help` users read); each verb's body only loads the config and calls one library
+function.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +14,52 @@ from pathlib import Path
 
 import typer
 
+from finetune import __version__
 from finetune.errors import FinetuneError
 
+HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     name="finetune",
     help="Fine-tune Hugging Face language models with LoRA, QLoRA and DoRA from one YAML file.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=HELP,
 )
 
 # Verbs that take a config accept any config key after it as an override (--learning-rate 1e-4).
-WITH_OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
-CONFIG_ARG = typer.Argument(..., help="The YAML config file.", show_default=False)
+WITH_OVERRIDES = {**HELP, "allow_extra_args": True, "ignore_unknown_options": True}
+CONFIG_ARG = typer.Argument(
+    ...,
+    help="The YAML config file. Relative paths inside it are read from the working directory, "
+    "else from the config's folder.",
+    show_default=False,
+)
 OPTIONAL_CONFIG_ARG = typer.Argument(None, help="The YAML config file.", show_default=False)
-OVERRIDES_HELP = "Any config key can follow CONFIG as an override: --learning-rate 1e-4."
+OVERRIDES_HELP = (
+    "Any config key can follow CONFIG as an override: --learning-rate 1e-4, --max-steps=10, "
+    "--sample-packing / --no-sample-packing."
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"finetune {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _global_options(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    traceback: bool = typer.Option(
+        False, "--traceback", help="Show the full traceback when a command fails."
+    ),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
 ) -> None:
     """Fine-tune Hugging Face language models with LoRA, QLoRA and DoRA from one YAML file."""
 
@@ -41,31 +72,45 @@ def _warn(message: str) -> None:
 def validate(
     ctx: typer.Context,
     config: Path = OPTIONAL_CONFIG_ARG,
-    schema: bool = typer.Option(False, "--schema", help="Print the config's JSON Schema and exit."),
+    schema: bool = typer.Option(
+        False, "--schema", help="Print the JSON Schema of the config file and exit."
+    ),
+    fast: bool = typer.Option(
+        False, "--fast", help="Skip reading the data files' rows (their existence is checked)."
+    ),
 ) -> None:
-    """Check a config and print it resolved, every default filled in."""
-    from finetune.config import FinetuneConfig, render_config
+    """Check a config and everything it points at; print it resolved, every default filled in.
+
+    Passing means preprocess and train will not fail on their input: data files exist, parse
+    and have the fields their type needs; templates and local models exist; Hub ids are well
+    formed (and cached, when offline).
+    """
+    from finetune.config import render_config
+    from finetune.config.reference import json_schema
     from finetune.machine import machine_warnings, resolve_for_machine
     from finetune.model.source import base_model_warnings
 
     if schema:
-        typer.echo(json.dumps(FinetuneConfig.model_json_schema(), indent=2))
+        typer.echo(json.dumps(json_schema(), indent=2))
         return
     if config is None:
         raise typer.BadParameter("give a CONFIG file (or --schema)", param_hint="CONFIG")
-    loaded = _load(config, ctx.args)
+    loaded = _load(config, ctx.args, sample_data=not fast)
     for message in machine_warnings(loaded.config) + base_model_warnings(loaded.config):
         typer.echo(f"note (this machine): {message}", err=True)
     typer.echo(f"# {config}: valid. Resolved for this machine:")
     typer.echo(render_config(resolve_for_machine(loaded.config)), nl=False)
 
 
-def _load(config: Path, overrides: list[str]):
-    """The validated config, its warnings printed."""
+def _load(config: Path, overrides: list[str], sample_data: bool = True, check: bool = True):
+    """The validated config, its warnings printed; with `check`, its inputs checked too (verbs
+    that act on a finished run need the run folder, not the data)."""
     from finetune.config import load_config
+    from finetune.preflight import raise_problems
 
     loaded = load_config(config, overrides)
-    for message in loaded.warnings:
+    notes = raise_problems(loaded, sample_data) if check else []
+    for message in loaded.warnings + notes:
         _warn(message)
     return loaded
 
@@ -74,8 +119,13 @@ def _load(config: Path, overrides: list[str]):
 def preprocess(
     ctx: typer.Context,
     config: Path = CONFIG_ARG,
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        help="Show samples token by token: each token's text, id and label (-100 = masked).",
+    ),
     debug_num_examples: int = typer.Option(
-        3, "--debug-num-examples", help="With --debug: how many samples to show token by token."
+        3, "--debug-num-examples", help="With --debug: how many samples to show."
     ),
 ) -> None:
     """Load, format, tokenize, mask and cache the datasets (--debug shows the label mask)."""
@@ -99,7 +149,7 @@ def preprocess(
             f"packing: {len(bins)} rows of {capacity} tokens, efficiency "
             f"{packing_efficiency(lengths, bins, capacity):.3f} (real tokens / token slots)"
         )
-    if ctx.find_root().params.get("debug"):
+    if debug:
         show_label_mask(prepared.train, tokenizer, debug_num_examples, Console())
 
 
@@ -110,7 +160,12 @@ def train(
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the newest complete checkpoint in output_dir."
     ),
-    force: bool = typer.Option(False, "--force", help="Overwrite a finished run in output_dir."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Start over: the previous run in output_dir (checkpoints, merged/, logs) moves "
+        "aside and is deleted once the new run has finished.",
+    ),
     num_processes: int = typer.Option(
         None,
         "--num-processes",
@@ -119,15 +174,12 @@ def train(
     ),
 ) -> None:
     """Preprocess if needed, load the model, attach the adapter and train."""
-    from finetune.machine import resolve_for_machine
     from finetune.train import train as run_training
 
     loaded = _load(config, ctx.args)
     if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_relaunch(num_processes))
-    result = run_training(
-        resolve_for_machine(loaded.config), resume=resume, force=force, log=typer.echo
-    )
+    result = run_training(loaded.config, resume=resume, force=force, log=typer.echo)
     if int(os.environ.get("RANK", "0")) == 0:  # one process speaks for all
         typer.echo(
             f"done: {result.global_step} steps; adapter, tokenizer and logs in {result.output_dir}"
@@ -139,20 +191,32 @@ def merge(
     ctx: typer.Context,
     config: Path = CONFIG_ARG,
     lora_model_dir: Path = typer.Option(
-        None, "--lora-model-dir", help="The adapter to merge [default: the config's output_dir]."
+        None,
+        "--lora-model-dir",
+        help="The adapter folder to merge (a run's output_dir or a checkpoint-N in it) "
+        "(default: the config's output_dir).",
+        show_default=False,
     ),
     output_dir: Path = typer.Option(
-        None, "--output-dir", help="Where the merged model goes [default: OUTPUT_DIR/merged]."
+        None,
+        "--output-dir",
+        help="Where the merged model goes (default: OUTPUT_DIR/merged).",
+        show_default=False,
     ),
     dtype: str = typer.Option(
-        None, "--dtype", help="bf16, fp16 or fp32 [default: the base checkpoint's dtype]."
+        None,
+        "--dtype",
+        help="bf16, fp16 or fp32 (default: the base checkpoint's dtype).",
+        show_default=False,
     ),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard."),
+    max_shard_size: str = typer.Option(
+        "5GB", "--max-shard-size", help="Largest output shard (5GB, 500MB, 2GiB)."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
     verify: bool = typer.Option(
         None,
         "--verify/--no-verify",
-        help="Compare the merged model's logits with base+adapter [default: when it fits in RAM].",
+        help="Compare the merged model's logits with base+adapter (default: when it fits in RAM).",
         show_default=False,
     ),
     nf4_roundtrip: bool = typer.Option(
@@ -163,29 +227,178 @@ def merge(
         "slightly off from what the adapter was trained against, but keep the base's precision.",
     ),
 ) -> None:
-    """Fold the trained adapter into the base weights, shard by shard, in bounded memory."""
-    from finetune.merge import merge_adapter
-    from finetune.model.load import compute_dtype_name
-    from finetune.model.source import resolve_base_model
+    """Fold the trained adapter into the base weights, shard by shard, in bounded memory.
 
-    loaded = _load(config, ctx.args).config
-    adapter = lora_model_dir or Path(loaded.output_dir)
-    compute = compute_dtype_name(loaded)
+    Reads what the run used from OUTPUT_DIR/run.json (base model, revision, precision, 4-bit
+    settings); the YAML counts only for keys given on the command line.
+    """
+    from finetune.merge import merge_adapter
+    from finetune.runfolder import merge_settings, read_record, run_config
+
+    loaded = _load(config, ctx.args, check=False)
+    run_dir = Path(loaded.config.output_dir)
+    adapter = lora_model_dir or run_dir
+    settings = run_config(loaded, run_dir)
     report = merge_adapter(
-        resolve_base_model(loaded.base_model),
-        adapter,
-        output_dir or adapter / "merged",
+        adapter_dir=adapter,
+        output_dir=output_dir or adapter / "merged",
         dtype=dtype,
         max_shard_size=max_shard_size,
         force=force,
         nf4_roundtrip=nf4_roundtrip,
-        nf4_compute_dtype=compute,
-        nf4_double_quant=loaded.bnb_config_kwargs.get("bnb_4bit_use_double_quant", True),
         verify=verify,
-        revision=loaded.revision_of_model,
         log=typer.echo,
+        **merge_settings(settings, read_record(run_dir)),
     )
     typer.echo(f"merged model ({report.dtype}, {report.shards} shard(s)) in {report.output_dir}")
+
+
+@app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
+def export(
+    ctx: typer.Context,
+    config: Path = CONFIG_ARG,
+    export_format: str = typer.Option(
+        "gguf",
+        "--format",
+        help="gguf: one GGUF file (llama.cpp, LM Studio); ollama: the GGUF and a Modelfile.",
+    ),
+    quant: str = typer.Option(
+        "f16",
+        "--quant",
+        help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1; K-quants (q4_k_m, q6_k, ...) go "
+        "through llama.cpp's llama-quantize when it is on PATH.",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace existing export files."),
+    output_dir: Path = typer.Option(
+        None,
+        "--output-dir",
+        help="Where the files go (default: OUTPUT_DIR/export).",
+        show_default=False,
+    ),
+) -> None:
+    """Write the fine-tuned model as one GGUF file, with the run's tokenizer and prompt format
+    (merging first when OUTPUT_DIR/merged is missing); the file's path is printed last."""
+    from finetune.export import export_model
+    from finetune.runfolder import merge_settings, read_record, run_config
+
+    loaded = _load(config, ctx.args, check=False)
+    run_dir = Path(loaded.config.output_dir)
+    settings = run_config(loaded, run_dir)
+    report = export_model(
+        settings,
+        run_dir,
+        fmt=export_format,
+        quant=quant,
+        force=force,
+        output_dir=output_dir,
+        merge_arguments=lambda: merge_settings(settings, read_record(run_dir)),
+        log=typer.echo,
+    )
+    if report.modelfile is not None:
+        typer.echo(f"Modelfile: {report.modelfile} (ollama create NAME -f {report.modelfile})")
+    typer.echo(str(report.gguf_file))
+
+
+@app.command(name="eval", context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
+def eval_(
+    ctx: typer.Context,
+    config: Path = CONFIG_ARG,
+    data: Path = typer.Option(
+        None,
+        "--data",
+        help="Held-out rows from this file (default: the run's val_set_size / test_datasets).",
+        show_default=False,
+    ),
+    data_type: str = typer.Option(
+        None,
+        "--type",
+        help="The --data file's dataset type (default: the type of the run's first dataset).",
+        show_default=False,
+    ),
+    merged: bool = typer.Option(
+        False,
+        "--merged",
+        help="Evaluate OUTPUT_DIR/merged and check that it computes what base + adapter does.",
+    ),
+    gguf: Path = typer.Option(
+        None,
+        "--gguf",
+        help="Also check that this exported GGUF file gives the fine-tuned model's greedy answers.",
+        show_default=False,
+    ),
+    show: int = typer.Option(
+        0, "--show", min=0, help="List the N worst regressions and the N best gains."
+    ),
+    max_samples: int = typer.Option(
+        None, "--max-samples", min=1, help="Only the first N held-out samples (a quick look)."
+    ),
+    max_new_tokens: int = typer.Option(
+        None,
+        "--max-new-tokens",
+        min=1,
+        help="Longest answer (default: each reference's length + 32 tokens).",
+        show_default=False,
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts answered at once."),
+    lm_eval: str = typer.Option(
+        None,
+        "--lm-eval",
+        help="Also run these lm-evaluation-harness tasks (comma list; pip install "
+        "'finetune[eval]').",
+        show_default=False,
+    ),
+) -> None:
+    """Held-out loss, perplexity and greedy answers of the base and the fine-tuned model, on the
+    same samples with the run's template and masking; writes OUTPUT_DIR/eval.json."""
+    from finetune.evaluate import evaluate_run
+    from finetune.runfolder import read_record, run_config
+
+    loaded = _load(config, ctx.args, check=False)
+    run_dir = Path(loaded.config.output_dir)
+    evaluate_run(
+        run_config(loaded, run_dir),
+        run_dir,
+        read_record(run_dir),
+        data=data,
+        data_type=data_type,
+        merged=merged,
+        gguf=gguf,
+        lm_eval_tasks=[t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else None,
+        max_samples=max_samples,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        show=show,
+        log=typer.echo,
+    )
+
+
+@app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
+def push(
+    ctx: typer.Context,
+    config: Path = CONFIG_ARG,
+    what: str = typer.Option(
+        "adapter",
+        "--what",
+        help="adapter (OUTPUT_DIR, with checkpoints per hub_strategy), merged (OUTPUT_DIR/merged) "
+        "or gguf (OUTPUT_DIR/export).",
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="List what would be uploaded where, and stop (no network)."
+    ),
+) -> None:
+    """Upload the run's adapter, merged model or GGUF export to the Hub repo hub_model_id, in
+    one commit (--hub-model-id you/name overrides the config's)."""
+    from finetune.push import plan_push, push
+    from finetune.runfolder import run_config
+
+    loaded = _load(config, ctx.args, check=False)
+    run_dir = Path(loaded.config.output_dir)
+    plan = plan_push(run_config(loaded, run_dir), run_dir, what)
+    if dry_run:
+        typer.echo(f"would push to {plan.repo_id} from {plan.folder}:")
+        typer.echo("\n".join(f"  {name}" for name in plan.files))
+        return
+    typer.echo(push(plan, log=typer.echo))
 
 
 @app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
@@ -195,34 +408,63 @@ def inference(
     prompt: str = typer.Option(None, "--prompt", help="Answer this prompt and exit."),
     chat: bool = typer.Option(False, "--chat", help="An interactive chat that keeps history."),
     merged: bool = typer.Option(False, "--merged", help="Use OUTPUT_DIR/merged (after merge)."),
-    base: bool = typer.Option(False, "--base", help="Use the untouched base model."),
+    base: bool = typer.Option(
+        False, "--base", help="Use the untouched base model (prompts formatted as the run's)."
+    ),
     system: str = typer.Option(None, "--system", help="A system message for every conversation."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    show_prompt: bool = typer.Option(
+        False, "--show-prompt", help="Print the exact prompt text and its token count first."
+    ),
+    max_new_tokens: int = typer.Option(
+        256, "--max-new-tokens", min=1, help="Stop after this many new tokens per reply."
+    ),
+    temperature: float = typer.Option(
+        0.0, "--temperature", min=0.0, help="Sampling temperature; 0 = greedy."
+    ),
+    top_p: float = typer.Option(
+        1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep this much probability."
+    ),
 ) -> None:
     """Talk to the trained adapter (default), the merged model or the base.
 
+    Prompts are formatted exactly as training formatted them: the run's chat template for chat
+    data, else its dataset type's prompt (alpaca, a custom format, completion, input_output).
     With neither --prompt nor --chat, each line of standard input is one prompt.
     """
-    from finetune.inference import chat_loop, generate_reply, load_for_inference
-    from finetune.model.source import resolve_base_model
+    from finetune.inference import chat_loop, generate_reply, load_for_inference, prompt_format
+    from finetune.runfolder import merge_settings, read_record, run_config
 
-    loaded = _load(config, ctx.args).config
+    loaded = _load(config, ctx.args, check=False)
     if merged and base:
         raise typer.BadParameter("choose one of --merged and --base")
-    run_dir = Path(loaded.output_dir)
+    run_dir = Path(loaded.config.output_dir)
+    record = read_record(run_dir)
+    run = run_config(loaded, run_dir)
+    base_model = merge_settings(run, record)["base"]
+    remote = {"trust_remote_code": run.trust_remote_code}
     if merged:
-        model, tokenizer = load_for_inference(run_dir / "merged")
-    elif base:
-        model, tokenizer = load_for_inference(resolve_base_model(loaded.base_model))
+        model, tokenizer = load_for_inference(run_dir / "merged", model_kwargs=remote)
     else:
-        model, tokenizer = load_for_inference(resolve_base_model(loaded.base_model), run_dir)
+        model, tokenizer = load_for_inference(
+            base_model,
+            None if base else run_dir,
+            model_kwargs={**remote, "revision": run.revision_of_model},
+            tokenizer_dir=run_dir if base and record else None,
+        )
+    fmt = prompt_format(run if record else None, tokenizer)
+    if chat and not fmt.is_chat:
+        raise typer.BadParameter(
+            f"this run trained single prompts ({fmt.name}), not conversations; use --prompt "
+            "or lines on stdin"
+        )
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
     head = [{"role": "system", "content": system}] if system else []
 
     def stream(piece: str) -> None:
         typer.echo(piece, nl=False)
+
+    def print_prompt(text: str, tokens: int) -> None:
+        typer.echo(f"--- prompt ({tokens} tokens) ---\n{text}\n--- reply ---")
 
     if chat:
         typer.echo("Chat: /reset clears the history, /exit quits.", err=True)
@@ -238,7 +480,13 @@ def inference(
     prompts = [prompt] if prompt is not None else [line.rstrip("\n") for line in sys.stdin]
     for text in (p for p in prompts if p.strip()):
         generate_reply(
-            model, tokenizer, [*head, {"role": "user", "content": text}], stream=stream, **options
+            model,
+            tokenizer,
+            [*head, {"role": "user", "content": text}],
+            stream=stream,
+            fmt=fmt,
+            show_prompt=print_prompt if show_prompt else None,
+            **options,
         )
         typer.echo("")
 
@@ -264,28 +512,39 @@ def _read_prompt_line() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point. User errors print in a line or two and exit 2; --debug shows tracebacks."""
+    """Entry point. User errors print in a line or two and exit 2, in every mode;
+    --traceback shows the traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
-    # `--debug` may come anywhere (after the config too); it is a global option.
-    debug = "--debug" in args
-    if debug:
-        args = ["--debug", *(a for a in args if a != "--debug")]
+    # `--traceback` may come anywhere (after the config too); it is a global option.
+    traceback = "--traceback" in args
+    if traceback:
+        args = ["--traceback", *(a for a in args if a != "--traceback")]
+    verb = next((a for a in args if not a.startswith("-")), None)
+    if "--debug" in args and verb != "preprocess":
+        typer.echo(
+            "--debug shows the label mask and belongs to `finetune preprocess CONFIG --debug`; "
+            "to see a traceback, add --traceback",
+            err=True,
+        )
+        sys.exit(2)
     try:
         app(args=args, prog_name="finetune")
     except FinetuneError as exc:
-        if debug:
-            raise
+        if traceback:
+            import traceback as stack
+
+            stack.print_exc()
         typer.echo(str(exc), err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as exc:
-        if debug:
+        if traceback:
             raise
         typer.echo(
             f"finetune: internal error: {type(exc).__name__}: {exc}\n"
-            "Run again with --debug for the traceback, and please report it.",
+            "Run again with --traceback for the traceback, and please report it.",
             err=True,
         )
         sys.exit(1)

@@ -23,6 +23,7 @@ def finetune(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "config.yaml"
+    (tmp_path / "data.jsonl").write_text('{"instruction": "Name a colour.", "output": "Blue."}\n')
     path.write_text(
         "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\n"
         "datasets:\n  - path: data.jsonl\n    type: alpaca\n"
@@ -80,21 +81,34 @@ def test_yaml_syntax_error_is_one_line(tmp_path):
     assert "line 3, column 1: invalid YAML" in result.stderr
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    result = finetune("validate", str(tmp_path / "missing.yaml"), "--debug")
-    assert result.returncode != 0
+def test_traceback_shows_the_traceback_and_keeps_exit_code_2(tmp_path):
+    result = finetune("validate", str(tmp_path / "missing.yaml"), "--traceback")
+    assert result.returncode == 2
     assert "Traceback" in result.stderr
     assert "ConfigError" in result.stderr
+    assert result.stderr.strip().endswith("missing.yaml: file: not found; check the path")
 
 
-def test_axolotl_config_warns_once_and_notes_the_machine():
+def test_debug_outside_preprocess_points_to_traceback(tmp_path):
+    result = finetune("validate", str(tmp_path / "missing.yaml"), "--debug")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "belongs to `finetune preprocess CONFIG --debug`" in result.stderr
+    assert "--traceback" in result.stderr
+
+
+def test_axolotl_config_validates_and_notes_the_machine():
     result = finetune("validate", "tests/fixtures/axolotl_qlora_1b.yml")
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    # loss_watchdog_* are implemented; the Hub dataset is only fetched by preprocess.
     assert warnings == [
-        "warning: ignored Axolotl keys (finetune does not implement them): "
-        "loss_watchdog_threshold, loss_watchdog_patience"
+        "warning: datasets[0].path: teknium/GPT4-LLM-Cleaned is not a local file or folder; "
+        "preprocess will load it from the Hugging Face Hub"
     ]
+    assert "note (this machine): attn_implementation: flash_attention_2 needs a CUDA GPU" in (
+        result.stderr
+    )
 
 
 def test_schema_is_json_schema():
@@ -111,11 +125,64 @@ def test_validate_without_config_is_a_usage_error():
     assert "CONFIG" in result.stderr
 
 
-def test_readme_config_reference_is_current():
-    from finetune.config.reference import END, START, config_reference
+def test_readme_generated_tables_are_current():
+    from finetune.config.reference import GENERATED
 
     readme = (ROOT / "README.md").read_text()
-    current = readme[readme.index(START) : readme.index(END) + len(END)]
-    assert current == config_reference(), (
-        "README is stale: run `python -m finetune.config.reference`"
-    )
+    for start, end, render in GENERATED:
+        current = readme[readme.index(start) : readme.index(end) + len(end)]
+        assert current == render(), "README is stale: run `python -m finetune.config.reference`"
+
+
+def test_every_key_has_its_axolotl_semantics_written_down():
+    from finetune.config.axolotl import DATASET_SEMANTICS, SEMANTICS
+    from finetune.config.schema import DatasetConfig, FinetuneConfig
+
+    assert set(SEMANTICS) == set(FinetuneConfig.model_fields)
+    assert set(DATASET_SEMANTICS) == set(DatasetConfig.model_fields)
+
+
+def test_short_help_and_version():
+    result = finetune("validate", "-h")
+    assert result.returncode == 0 and "Usage" in result.stdout
+    from finetune import __version__
+
+    assert finetune("--version").stdout.strip() == f"finetune {__version__}"
+
+
+def test_every_option_of_every_verb_says_what_it_does():
+    import typer.main
+
+    from finetune.cli import app
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert param.help and "[default" not in param.help, (name, param.name)
+
+
+def test_one_sample_is_singular(tmp_path):
+    from finetune.data.summary import format_summary
+
+    stats = {
+        "rows": 1,
+        "tokens": 9,
+        "trainable_tokens": 3,
+        "length_min": 9,
+        "length_median": 9,
+        "length_p95": 9,
+        "length_max": 9,
+    }
+    summary = {
+        "rows_read": 1,
+        "rows_kept": 1,
+        "dropped_too_long": 0,
+        "dropped_nothing_to_train": 0,
+        "truncated": 0,
+        "chunks_added": 0,
+        "train": stats,
+        "eval": {"rows": 0},
+        "cache": "x",
+    }
+    assert "train: 1 sample, 9 tokens" in format_summary(summary)
