@@ -7,6 +7,7 @@ May import: finetune.config and finetune.errors.
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 from finetune.config import FinetuneConfig
 from finetune.errors import ModelLoadError, TrainingError
@@ -167,20 +168,49 @@ _M_MMAP_THRESHOLD = -3
 _KEEP_UP_TO = 2**31 - 1  # mallopt takes a C int: keep up to 2 GiB
 
 
-def keep_freed_memory_for_reuse() -> bool:
-    """CPU training: let glibc keep memory a step freed, for the next step, instead of handing
-    it back to the OS.
+def shards_parameters(config: FinetuneConfig) -> bool:
+    """Whether each process holds only a share of the base weights (DeepSpeed ZeRO-3, FSDP):
+    such a run gathers each layer's full weights for a moment and must give them back."""
+    import json
 
-    glibc serves allocations above its mmap threshold (32 MB at most) with fresh mappings and
-    returns a free heap top to the OS, so a training step, which allocates and frees the same
-    large activations every time, page-faults all of them in again: on SmolLM2-135M with
+    if getattr(config, "fsdp", None) or getattr(config, "fsdp_config", None):
+        return True
+    if not config.deepspeed:
+        return False
+    try:
+        settings = json.loads(Path(config.deepspeed).read_text())
+    except (OSError, ValueError):
+        return False  # validation reports an unreadable file
+    return settings.get("zero_optimization", {}).get("stage") == 3
+
+
+def tune_cpu_allocator(config: FinetuneConfig) -> str | None:
+    """CPU training: set glibc's malloc for the kind of run; returns what was set, or None.
+
+    An unsharded run allocates and frees the same large activations every step. glibc serves
+    allocations above its mmap threshold (32 MB at most) with fresh mappings and returns a free
+    heap top to the OS, so each step page-faults all of them in again: on SmolLM2-135M with
     2048-token rows, ~230k faults and 1.5-2.5 s of system time per 11-13 s step. With both
-    thresholds raised, steps after the first few fault almost nothing. The process keeps its peak
-    memory until it exits instead of giving it back between steps, and the peak grows a little
-    (6.3 -> 6.8 GB in bench/train_throughput.py, packed). Skipped on GPUs, without glibc, and
-    when the user tunes malloc through GLIBC_TUNABLES or MALLOC_* variables. Returns whether it
-    was applied.
+    thresholds raised ("keep"), steps after the first few fault almost nothing; the process keeps
+    its peak memory until it exits, and the peak grows a little (6.3 -> 6.8 GB in
+    bench/train_throughput.py, packed).
+
+    A run that shards its parameters (`shards_parameters`, ZeRO-3) gathers each layer's full
+    weights and frees them again; kept in the heap, or in a heap whose mmap threshold glibc
+    raises by itself after the first large free, they undo the sharding. Such a run gets a
+    fixed 128 KiB mmap threshold ("give back"), so every freed weight goes back to the OS
+    (bench/zero3_load.py).
+
+    Skipped on GPUs, without glibc, and when the user tunes malloc through GLIBC_TUNABLES or
+    MALLOC_* variables.
     """
+    mode = "give back" if shards_parameters(config) else "keep"
+    return mode if set_cpu_allocator(mode) else None
+
+
+def set_cpu_allocator(mode: str) -> bool:
+    """glibc malloc thresholds for `mode` ("keep" or "give back", see tune_cpu_allocator);
+    whether they were set."""
     import ctypes
     import os
     import sys
@@ -194,6 +224,8 @@ def keep_freed_memory_for_reuse() -> bool:
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc only (not musl)
     if mallopt is None:
         return False
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, _KEEP_UP_TO // 2) and mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO)
+    # A fixed mmap threshold also turns off glibc's raising it by itself after a large free.
+    mmap, trim = (
+        (128 * 1024, 128 * 1024) if mode == "give back" else (_KEEP_UP_TO // 2, _KEEP_UP_TO)
     )
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap) and mallopt(_M_TRIM_THRESHOLD, trim))

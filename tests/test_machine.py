@@ -15,8 +15,8 @@ import sys
 ROUNDS = """
 import json, resource, sys
 import torch
-from finetune.machine import keep_freed_memory_for_reuse
-applied = keep_freed_memory_for_reuse() if sys.argv[1] == "keep" else False
+from finetune.machine import set_cpu_allocator
+applied = set_cpu_allocator("keep") if sys.argv[1] == "keep" else False
 for round in range(16):
     if round == 12:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -68,3 +68,25 @@ def test_one_process_never_drives_several_gpus_through_data_parallel():
     check_one_process_per_gpu(gpus=4, world_size=4)  # one process per GPU: fine
     check_one_process_per_gpu(gpus=1, world_size=1)
     check_one_process_per_gpu(gpus=0, world_size=1)
+
+
+def test_a_zero3_run_gives_gathered_weights_back(tmp_path):
+    """ZeRO-3 gathers each layer's weights and frees them; kept in the heap they would undo the
+    sharding (bench/zero3_load.py), so the allocator tuning is only for unsharded runs."""
+    import yaml
+
+    from finetune.config import load_config
+    from finetune.machine import shards_parameters
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+
+    def config(**options):
+        values = {"base_model": "org/model", "datasets": [{"path": str(data), "type": "alpaca"}]}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({**values, **options}))
+        return load_config(tmp_path / "c.yaml").config
+
+    assert shards_parameters(config(deepspeed="zero3"))
+    assert shards_parameters(config(deepspeed="zero3_offload"))
+    assert not shards_parameters(config(deepspeed="zero2"))
+    assert not shards_parameters(config())

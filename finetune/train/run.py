@@ -152,11 +152,11 @@ def _prepare_data(config: FinetuneConfig, log):
 def _build_model(config: FinetuneConfig, tokenizer, log) -> tuple[torch.nn.Module, AttentionChoice]:
     """The base model with the attention `choose_attention` picked for it, and the adapter
     attached; the choice also tells the batching whether rows are packed."""
-    from finetune.machine import keep_freed_memory_for_reuse
+    from finetune.machine import tune_cpu_allocator
     from finetune.model.load import load_model, load_model_config
     from finetune.train.attention import PER_SAMPLE_ATTENTION, register_attention
 
-    keep_freed_memory_for_reuse()  # CPU: no page faults for each step's activations
+    tune_cpu_allocator(config)  # CPU: reuse activations' memory; sharded runs give it back
     set_seed(config.seed)  # the adapter's initial weights too come from the seed
     attention = choose_attention(config, load_model_config(config))
     log(f"attention: {attention.reason}")
