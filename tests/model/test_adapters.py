@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from finetune.config import FinetuneConfig
 from finetune.model.adapters import attach_adapter
@@ -20,25 +19,9 @@ SAVED = ["embed_tokens", "lm_head"]
 
 
 @pytest.fixture(scope="module")
-def untied_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+def untied_model_dir(tmp_path_factory, save_tiny_llama) -> Path:
     """A 2-layer Llama whose lm_head is its own matrix (not tied to the embeddings)."""
-    folder = tmp_path_factory.mktemp("untied-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=smollm2_tokenizer.bos_token_id,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
-        pad_token_id=smollm2_tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("untied-llama"), tie_word_embeddings=False)
 
 
 def bf16_config(tmp_path: Path, model_dir: Path, **options) -> FinetuneConfig:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, set_seed
+from transformers import set_seed
 
 from finetune.config import FinetuneConfig
 from finetune.data.packing import collate_packed
@@ -30,24 +30,17 @@ ADAPTERS = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, smollm2_tokenizer):
+def model_dir(tmp_path_factory, save_tiny_llama):
     """A 2-layer Llama with peaked attention (initializer_range 0.25), SmolLM2's vocabulary."""
-    folder = tmp_path_factory.mktemp("tiny-llama-peaked")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny-llama-peaked"),
         max_position_embeddings=512,
         initializer_range=0.25,
-        tie_word_embeddings=True,
+        # LlamaConfig's own token ids: a pad id would zero that embedding row
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def run_config(model_dir, **options) -> FinetuneConfig:
