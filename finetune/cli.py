@@ -36,6 +36,13 @@ CONFIG_ARG = typer.Argument(
     show_default=False,
 )
 OPTIONAL_CONFIG_ARG = typer.Argument(None, help="The YAML config file.", show_default=False)
+
+
+def unset_by_default(flag: str, help: str, **options):
+    """An option that is None unless given: the library then decides, as the help says."""
+    return typer.Option(None, flag, help=help, show_default=False, **options)
+
+
 OVERRIDES_HELP = (
     "Any config key can follow CONFIG as an override: --learning-rate 1e-4, --max-steps=10, "
     "--sample-packing / --no-sample-packing."
@@ -190,34 +197,26 @@ def train(
 def merge(
     ctx: typer.Context,
     config: Path = CONFIG_ARG,
-    lora_model_dir: Path = typer.Option(
-        None,
+    lora_model_dir: Path = unset_by_default(
         "--lora-model-dir",
-        help="The adapter folder to merge (a run's output_dir or a checkpoint-N in it) "
+        "The adapter folder to merge (a run's output_dir or a checkpoint-N in it) "
         "(default: the config's output_dir).",
-        show_default=False,
     ),
-    output_dir: Path = typer.Option(
-        None,
+    output_dir: Path = unset_by_default(
         "--output-dir",
-        help="Where the merged model goes (default: OUTPUT_DIR/merged).",
-        show_default=False,
+        "Where the merged model goes (default: OUTPUT_DIR/merged).",
     ),
-    dtype: str = typer.Option(
-        None,
+    dtype: str = unset_by_default(
         "--dtype",
-        help="bf16, fp16 or fp32 (default: the base checkpoint's dtype).",
-        show_default=False,
+        "bf16, fp16 or fp32 (default: the base checkpoint's dtype).",
     ),
     max_shard_size: str = typer.Option(
         "5GB", "--max-shard-size", help="Largest output shard (5GB, 500MB, 2GiB)."
     ),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
-    verify: bool = typer.Option(
-        None,
+    verify: bool = unset_by_default(
         "--verify/--no-verify",
-        help="Compare the merged model's logits with base+adapter (default: when it fits in RAM).",
-        show_default=False,
+        "Compare the merged model's logits with base+adapter (default: when it fits in RAM).",
     ),
     nf4_roundtrip: bool = typer.Option(
         False,
@@ -269,11 +268,9 @@ def export(
         "through llama.cpp's llama-quantize when it is on PATH.",
     ),
     force: bool = typer.Option(False, "--force", help="Replace existing export files."),
-    output_dir: Path = typer.Option(
-        None,
+    output_dir: Path = unset_by_default(
         "--output-dir",
-        help="Where the files go (default: OUTPUT_DIR/export).",
-        show_default=False,
+        "Where the files go (default: OUTPUT_DIR/export).",
     ),
 ) -> None:
     """Write the fine-tuned model as one GGUF file, with the run's tokenizer and prompt format
@@ -303,28 +300,22 @@ def export(
 def eval_(
     ctx: typer.Context,
     config: Path = CONFIG_ARG,
-    data: Path = typer.Option(
-        None,
+    data: Path = unset_by_default(
         "--data",
-        help="Held-out rows from this file (default: the run's val_set_size / test_datasets).",
-        show_default=False,
+        "Held-out rows from this file (default: the run's val_set_size / test_datasets).",
     ),
-    data_type: str = typer.Option(
-        None,
+    data_type: str = unset_by_default(
         "--type",
-        help="The --data file's dataset type (default: the type of the run's first dataset).",
-        show_default=False,
+        "The --data file's dataset type (default: the type of the run's first dataset).",
     ),
     merged: bool = typer.Option(
         False,
         "--merged",
         help="Evaluate OUTPUT_DIR/merged and check that it computes what base + adapter does.",
     ),
-    gguf: Path = typer.Option(
-        None,
+    gguf: Path = unset_by_default(
         "--gguf",
-        help="Also check that this exported GGUF file gives the fine-tuned model's greedy answers.",
-        show_default=False,
+        "Also check that this exported GGUF file gives the fine-tuned model's greedy answers.",
     ),
     show: int = typer.Option(
         0, "--show", min=0, help="List the N worst regressions and the N best gains."
@@ -332,20 +323,15 @@ def eval_(
     max_samples: int = typer.Option(
         None, "--max-samples", min=1, help="Only the first N held-out samples (a quick look)."
     ),
-    max_new_tokens: int = typer.Option(
-        None,
+    max_new_tokens: int = unset_by_default(
         "--max-new-tokens",
+        "Longest answer (default: each reference's length + 32 tokens).",
         min=1,
-        help="Longest answer (default: each reference's length + 32 tokens).",
-        show_default=False,
     ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts answered at once."),
-    lm_eval: str = typer.Option(
-        None,
+    lm_eval: str = unset_by_default(
         "--lm-eval",
-        help="Also run these lm-evaluation-harness tasks (comma list; pip install "
-        "'finetune[eval]').",
-        show_default=False,
+        "Also run these lm-evaluation-harness tasks (comma list; pip install 'finetune[eval]').",
     ),
 ) -> None:
     """Held-out loss, perplexity and greedy answers of the base and the fine-tuned model, on the
