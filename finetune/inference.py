@@ -60,15 +60,15 @@ def load_for_inference(
                 "output_dir (or one of its checkpoint-N folders), or leave the adapter out to "
                 "use the base or merged model alone"
             )
-    source, extra = model_source(str(model_path))
+    source = model_source(str(model_path))
     try:
         tokenizer_dir = tokenizer_dir or adapter_dir
         if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+            tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=_torch_dtype(dtype), **extra, **(model_kwargs or {})
+            source, dtype=_torch_dtype(dtype), **(model_kwargs or {})
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(
@@ -84,10 +84,12 @@ def load_for_inference(
     )
     if not placed:
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Training resizes the embeddings when it adds tokens to the tokenizer (a pad token, a chat
+    # template's markers) and saves them in the adapter; the base must match before loading it.
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
     if adapter_dir is not None:
-        model = _attach_adapter(model, tokenizer, adapter_dir)
-    elif len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))  # a run's tokenizer with added tokens
+        model = _attach_adapter(model, adapter_dir)
     model.eval()
     return model, tokenizer
 
@@ -121,8 +123,7 @@ def prompt_format(config: FinetuneConfig | None, tokenizer) -> PromptFormat:
     if strategy.prompt is None:
         return CHAT
     ctx = Context(dataset=dataset, config=config, tokenizer=tokenizer)
-    name = dataset.type if isinstance(dataset.type, str) else "custom format"
-    return PromptFormat(name, lambda text: strategy.prompt(text, ctx))
+    return PromptFormat(dataset.type_name, lambda text: strategy.prompt(text, ctx))
 
 
 def prompt_inputs(tokenizer, messages: list[dict], fmt: PromptFormat = CHAT) -> tuple[str, dict]:
@@ -134,10 +135,8 @@ def prompt_inputs(tokenizer, messages: list[dict], fmt: PromptFormat = CHAT) -> 
                 "in the config (e.g. chatml) and train with it, or use a model that ships one"
             )
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        return text, inputs
+        # What apply_chat_template does after rendering, without rendering a second time.
+        return text, tokenizer(text, add_special_tokens=False, return_tensors="pt")
     if len(messages) != 1 or messages[0]["role"] != "user":
         raise FinetuneError(
             f"this run trained on single prompts ({fmt.name}); there is no conversation or "
@@ -312,13 +311,9 @@ def _decode(tokenizer, token_ids: list[int]) -> str:
     return tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def _attach_adapter(model, tokenizer, adapter_dir: Path):
+def _attach_adapter(model, adapter_dir: Path):
     from peft import PeftModel
 
-    # Training resizes the embeddings when it adds tokens to the tokenizer (a pad token, a chat
-    # template's markers) and saves them in the adapter; the base must match before loading it.
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
     try:
         return PeftModel.from_pretrained(model, adapter_dir)
     except (RuntimeError, ValueError, KeyError) as error:

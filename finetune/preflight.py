@@ -178,7 +178,7 @@ def _check_rows(
                 (
                     f"{where}.path",
                     f"{place}: missing field {', '.join(map(repr, missing))} for type "
-                    f"{_type_name(dataset)}; fields found: {', '.join(row) or 'none'}; expected: "
+                    f"{dataset.type_name}; fields found: {', '.join(row) or 'none'}; expected: "
                     f"{expected}",
                 )
             )
@@ -191,10 +191,6 @@ def _check_rows(
         except RowError as exc:
             found.problems.append((f"{where}.path", f"{place}: {exc}"))
             return
-
-
-def _type_name(dataset: DatasetConfig) -> str:
-    return dataset.type if isinstance(dataset.type, str) else "custom format"
 
 
 def _check_sequence_len(config: FinetuneConfig, found: Findings) -> None:

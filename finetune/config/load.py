@@ -211,7 +211,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedC
         warnings.append(
             "ignored Axolotl keys (finetune does not implement them): " + ", ".join(ignored)
         )
-    warnings += differences_worth_a_word(config, raw)
+    warnings += differences_worth_a_word(config)
     return LoadedConfig(
         config=config, path=source, warnings=warnings, overrides=dict(override_values)
     )

@@ -24,18 +24,13 @@ def resolve_paths(config: FinetuneConfig, folder: Path, problems: list[Problem])
     """The config with its input paths resolved (working directory first, then the config's
     folder); DeepSpeed configs also by bundled name."""
     update: dict[str, Any] = {}
-    for key in ("base_model", "base_model_config", "tokenizer_config", "lora_model_dir"):
+    keys = ("base_model", "base_model_config", "tokenizer_config", "lora_model_dir")
+    for key in (*keys, "resume_from_checkpoint"):
         value = getattr(config, key)
         if value is not None:
             update[key] = locate(value, folder) or value
-    for key in ("resume_from_checkpoint",):
-        value = getattr(config, key)
-        if value is not None:
-            update[key] = locate(value, folder) or value
-    if config.chat_template_jinja and not is_inline_template(config.chat_template_jinja):
-        update["chat_template_jinja"] = locate(config.chat_template_jinja, folder) or (
-            config.chat_template_jinja
-        )
+    if config.chat_template_jinja:
+        update["chat_template_jinja"] = _template_path(config.chat_template_jinja, folder)
     if isinstance(config.deepspeed, str):
         update["deepspeed"] = _resolve_deepspeed(config.deepspeed, folder, problems)
     for list_key in ("datasets", "test_datasets"):
@@ -58,10 +53,13 @@ def _resolve_dataset_paths(dataset: DatasetConfig, folder: Path) -> DatasetConfi
         names = [dataset.data_files] if isinstance(dataset.data_files, str) else dataset.data_files
         update["data_files"] = [locate(name, folder) or name for name in names]
     if dataset.chat_template_jinja and not is_inline_template(dataset.chat_template_jinja):
-        update["chat_template_jinja"] = locate(dataset.chat_template_jinja, folder) or (
-            dataset.chat_template_jinja
-        )
+        update["chat_template_jinja"] = _template_path(dataset.chat_template_jinja, folder)
     return dataset.model_copy(update=update) if update else dataset
+
+
+def _template_path(value: str, folder: Path) -> str:
+    """chat_template_jinja: a template written inline stays as it is; a path is located."""
+    return value if is_inline_template(value) else locate(value, folder) or value
 
 
 def locate(value: str, folder: Path) -> str | None:

@@ -182,6 +182,11 @@ class DatasetConfig(BaseModel):
             raise ValueError(unknown_choice("type", value, DATASET_TYPES))
         return value
 
+    @property
+    def type_name(self) -> str:
+        """The type as messages name it: its name, or "custom format" for a mapping."""
+        return self.type if isinstance(self.type, str) else "custom format"
+
 
 class FinetuneConfig(BaseModel):
     """A complete fine-tuning run."""

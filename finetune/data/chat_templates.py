@@ -14,6 +14,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from finetune.config.paths import is_inline_template
 from finetune.errors import ChatTemplateError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -28,7 +29,7 @@ def resolve_chat_template(name: str | None, jinja: str | None, tokenizer: Any) -
     tokenizer's own template and is an error when it has none.
     """
     if jinja:
-        if "{{" in jinja or "{%" in jinja:
+        if is_inline_template(jinja):
             return jinja
         try:
             return Path(jinja).read_text(encoding="utf-8")

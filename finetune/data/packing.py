@@ -63,7 +63,7 @@ class BatchPlan:
 
     Training drops the at most world_size - 1 groups left over (a different few each epoch).
     Evaluation (`every_sample=True`) drops nothing: ranks short of a group get a padding group,
-    a copy of a real one whose index is offset by the number of samples (`is_padding`); its
+    a copy of a real one whose index is offset by the number of samples (PaddedSamples); its
     tokens are never counted, so every sample is evaluated exactly once and every rank runs the
     same number of batches (ZeRO-3's forward is a collective).
     """
@@ -85,7 +85,6 @@ class BatchPlan:
         self.seed = seed
         self.shuffle = shuffle
         self.rank, self.world_size = rank, world_size
-        self.every_sample = every_sample
         self.epoch = 0
         if packed:
             self.groups = pack_into_bins(self.lengths, capacity, seed)
@@ -110,9 +109,6 @@ class BatchPlan:
 
     def __len__(self) -> int:
         return self.batches_per_rank
-
-    def is_padding(self, index: int) -> bool:
-        return index >= len(self.lengths)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = np.arange(len(self.groups))

@@ -267,9 +267,9 @@ def sample_rows(dataset: DatasetConfig) -> list[tuple[str, dict]]:
             continue
         if kind in ("parquet", "arrow") and file.stat().st_size > SAMPLE_WHOLE_FILE_BYTES:
             continue  # read only by preprocess; its schema is checked there
-        rows = _read_file(file, dataset.ds_type).to_pylist()
-        picked = sorted({0, len(rows) - 1}) if rows else []
-        samples += [(f"{file}: row {i + 1}", rows[i]) for i in picked]
+        table = _read_file(file, dataset.ds_type)  # read whole: every row must parse
+        picked = sorted({0, table.num_rows - 1}) if table.num_rows else []
+        samples += [(f"{file}: row {i + 1}", table.slice(i, 1).to_pylist()[0]) for i in picked]
     return samples
 
 

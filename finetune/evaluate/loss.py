@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from finetune.data.tokenize import IGNORE_INDEX
+from finetune.data.packing import collate_padded
 from finetune.evaluate.progress import progress_bar
 from finetune.evaluate.samples import EvalSample
 from finetune.train.loss import kept_token_loss
@@ -33,7 +33,8 @@ def held_out_loss(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with torch.no_grad():
         for batch in progress_bar(batches, label):
-            inputs = _right_padded([samples[i] for i in batch], pad_id)
+            rows = [{"input_ids": samples[i].input_ids, "labels": samples[i].labels} for i in batch]
+            inputs = collate_padded(rows, pad_id)
             loss_sum, _, count = kept_token_loss(
                 model, {k: v.to(device) for k, v in inputs.items()}, num_items_in_batch=1
             )
@@ -41,16 +42,3 @@ def held_out_loss(
             tokens += int(count)
     loss = total / tokens
     return HeldOutLoss(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=tokens)
-
-
-def _right_padded(samples: list[EvalSample], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        n = len(sample.input_ids)
-        ids[row, :n] = torch.tensor(sample.input_ids)
-        labels[row, :n] = torch.tensor(sample.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

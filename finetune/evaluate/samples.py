@@ -120,8 +120,7 @@ def _config_for_file(
             "shuffle_merged_datasets": False,
         }
     )
-    kind = entry.type if isinstance(entry.type, str) else "custom format"
-    return updated, f"{path} ({kind})"
+    return updated, f"{path} ({entry.type_name})"
 
 
 def _split_name(config: FinetuneConfig) -> str:

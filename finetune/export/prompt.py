@@ -31,13 +31,6 @@ from finetune.export.chat_format import (
     jinja_template,
 )
 
-ALPACA_STYLES = {
-    "alpaca": alpaca.INSTRUCT,
-    "alpaca:chatml": alpaca.CHATML,
-    "alpaca_chat": alpaca.CHAT,
-    "alpaca:phi": alpaca.PHI,
-    "alpaca_chat.load_qa": alpaca.CHAT_QA,
-}
 RAW_TYPES = ("completion", "input_output")
 
 
@@ -53,7 +46,7 @@ class PromptFormat:
 
 
 def prompt_format(config: FinetuneConfig, tokenizer, log) -> PromptFormat:
-    types = [_type_name(dataset.type) for dataset in config.datasets]
+    types = [dataset.type_name for dataset in config.datasets]
     if len(set(types)) > 1:
         log(
             f"warning: the datasets use several prompt formats ({', '.join(dict.fromkeys(types))});"
@@ -66,8 +59,8 @@ def prompt_format(config: FinetuneConfig, tokenizer, log) -> PromptFormat:
     if isinstance(kind, DatasetFormat):
         turns = from_prompt_style(kind.system_format, kind.no_input_format, kind.system_prompt, eos)
         return _alpaca_format("custom prompt format", turns)
-    if kind in ALPACA_STYLES:
-        style = ALPACA_STYLES[kind]
+    if kind in alpaca.STYLES:
+        style = alpaca.STYLES[kind]
         turns = from_prompt_style(
             style.system_format, style.turn_no_input_format, style.system_no_input, eos
         )
@@ -75,10 +68,6 @@ def prompt_format(config: FinetuneConfig, tokenizer, log) -> PromptFormat:
     if kind in RAW_TYPES:
         return PromptFormat(f"{kind} (raw text)", None, None, None, eos, eos, chat=False)
     raise ExportError(f"datasets[0].type {kind!r}: export does not know this prompt format")
-
-
-def _type_name(kind) -> str:
-    return "custom" if isinstance(kind, DatasetFormat) else str(kind)
 
 
 def _chat_template_format(tokenizer) -> PromptFormat:

@@ -75,11 +75,6 @@ class Vocabulary:
     def eos_token(self) -> str:
         return self.tokens[self.special_ids["eos"]]
 
-    @property
-    def bos_token(self) -> str:
-        bos = self.special_ids.get("bos")
-        return self.tokens[bos] if bos is not None else ""
-
 
 def read_vocabulary(tokenizer, rows: int, eos: str, end_of_turn: str, log) -> Vocabulary:
     """The GGUF vocabulary of a fast tokenizer whose model has `rows` embedding rows, with `eos`

@@ -12,14 +12,13 @@ def load_tokenizer(config: FinetuneConfig):
     """The run's tokenizer: special tokens and added tokens applied, a pad token guaranteed."""
     from transformers import AutoTokenizer
 
-    source, extra = model_source(config.tokenizer_config or config.base_model)
+    source = model_source(config.tokenizer_config or config.base_model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source,
             revision=config.revision_of_model,
             trust_remote_code=config.trust_remote_code,
             use_fast=True,  # offsets for label masking; tokenizer_use_fast: false is warned of
-            **extra,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
@@ -91,13 +90,12 @@ def load_model_config(config: FinetuneConfig):
     """The base model's own config (`base_model_config` when set), without its weights."""
     from transformers import AutoConfig
 
-    source, extra = model_source(config.base_model_config or config.base_model)
+    source = model_source(config.base_model_config or config.base_model)
     try:
         return AutoConfig.from_pretrained(
             source,
             revision=None if config.base_model_config else config.revision_of_model,
             trust_remote_code=config.trust_remote_code,
-            **extra,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
@@ -114,7 +112,7 @@ def load_model(config: FinetuneConfig, tokenizer, attn_implementation: str | Non
     from transformers import AutoModelForCausalLM
 
     check_combinations_for_machine(config)
-    source, extra = model_source(config.base_model)
+    source, extra = model_source(config.base_model), {}
     quantization = quantization_config(config)
     if quantization is not None and torch.cuda.is_available():
         extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
@@ -132,7 +130,7 @@ def load_model(config: FinetuneConfig, tokenizer, attn_implementation: str | Non
             dtype=torch_dtype(config),
             quantization_config=quantization,
             attn_implementation=attn_implementation or config.attn_implementation,
-            use_safetensors=None if extra.get("gguf_file") else True,
+            use_safetensors=True,
             **extra,
         )
     except (OSError, ValueError) as exc:

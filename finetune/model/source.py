@@ -27,13 +27,11 @@ def resolve_base_model(name: str) -> str:
     return str(path) if path.exists() or name.startswith(("~", ".", "/")) else name
 
 
-def model_source(name: str) -> tuple[str, dict]:
-    """`from_pretrained` arguments for a hub id, a local folder, or a local `.gguf` file (read
-    from its converted folder)."""
+def model_source(name: str) -> str:
+    """What `from_pretrained` reads for a hub id, a local folder, or a local `.gguf` file (its
+    converted folder)."""
     path = Path(resolve_base_model(name))
-    if path.exists():
-        return str(path), {}
-    return name, {}
+    return str(path) if path.exists() else name
 
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")

@@ -123,10 +123,7 @@ def _record_start(trainer, config: FinetuneConfig, start: RunStart, prepared, ou
 
     record = start.record
     record.config = config.model_dump(mode="json")
-    source, extra = model_source(config.base_model)
-    record.base_model_folder = (
-        str(Path(source) / extra["gguf_file"]) if "gguf_file" in extra else source
-    )
+    record.base_model_folder = model_source(config.base_model)
     record.compute_dtype = compute_dtype_name(config)
     quantization = quantization_config(config)
     record.quantization = quantization.to_dict() if quantization is not None else None

@@ -20,7 +20,7 @@ TOKEN_CODE = [
     "strategies/*.py",
     "templates/*.jinja",
 ]
-PINNED = (2, "06756fa3d2cc58ea")
+PINNED = (3, "8517d1f86a724bca")
 
 
 def token_code_digest() -> str:

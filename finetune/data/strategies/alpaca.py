@@ -112,11 +112,19 @@ def _style_strategy(style: PromptStyle, instruction: str, input_name: str | None
     return fields, render, prompt
 
 
-register("alpaca", *_style_strategy(INSTRUCT, "instruction", "input", "output"))
-register("alpaca:chatml", *_style_strategy(CHATML, "instruction", "input", "output"))
-register("alpaca_chat", *_style_strategy(CHAT, "instruction", "input", "output"))
-register("alpaca:phi", *_style_strategy(PHI, "instruction", "input", "output"))
-register("alpaca_chat.load_qa", *_style_strategy(CHAT_QA, "question", None, "answer"))
+# Every alpaca-style type and its prompt style (export writes the same prompts from here).
+STYLES = {
+    "alpaca": INSTRUCT,
+    "alpaca:chatml": CHATML,
+    "alpaca_chat": CHAT,
+    "alpaca:phi": PHI,
+    "alpaca_chat.load_qa": CHAT_QA,
+}
+for _name, _style in STYLES.items():
+    _fields = (
+        ("question", None, "answer") if _style is CHAT_QA else ("instruction", "input", "output")
+    )
+    register(_name, *_style_strategy(_style, *_fields))
 
 
 def _user_defined_fields(dataset) -> tuple[tuple[str, ...], tuple[str, ...]]:
