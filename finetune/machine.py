@@ -173,15 +173,15 @@ def shards_parameters(config: FinetuneConfig) -> bool:
     such a run gathers each layer's full weights for a moment and must give them back."""
     import json
 
-    if getattr(config, "fsdp", None) or getattr(config, "fsdp_config", None):
+    if config.uses_fsdp():
         return True
-    if not config.deepspeed:
-        return False
-    try:
-        settings = json.loads(Path(config.deepspeed).read_text())
-    except (OSError, ValueError):
-        return False  # validation reports an unreadable file
-    return settings.get("zero_optimization", {}).get("stage") == 3
+    settings = config.deepspeed
+    if isinstance(settings, str):
+        try:
+            settings = json.loads(Path(settings).read_text())
+        except (OSError, ValueError):
+            return False  # validation reports an unreadable file
+    return bool(settings) and settings.get("zero_optimization", {}).get("stage") == 3
 
 
 def tune_cpu_allocator(config: FinetuneConfig) -> str | None:
@@ -204,6 +204,8 @@ def tune_cpu_allocator(config: FinetuneConfig) -> str | None:
     Skipped on GPUs, without glibc, and when the user tunes malloc through GLIBC_TUNABLES or
     MALLOC_* variables.
     """
+    if cuda_available():
+        return None  # the weights live in GPU memory
     mode = "give back" if shards_parameters(config) else "keep"
     return mode if set_cpu_allocator(mode) else None
 

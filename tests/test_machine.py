@@ -88,5 +88,6 @@ def test_a_zero3_run_gives_gathered_weights_back(tmp_path):
 
     assert shards_parameters(config(deepspeed="zero3"))
     assert shards_parameters(config(deepspeed="zero3_offload"))
+    assert shards_parameters(config(deepspeed={"zero_optimization": {"stage": 3}}))  # a mapping
     assert not shards_parameters(config(deepspeed="zero2"))
     assert not shards_parameters(config())

@@ -278,7 +278,7 @@ def unsupported_features(raw: dict[str, Any]) -> list[Problem]:
     return problems
 
 
-def differences_worth_a_word(config: FinetuneConfig, raw: dict[str, Any]) -> list[str]:
+def differences_worth_a_word(config: FinetuneConfig) -> list[str]:
     """Where this config asks for something finetune does differently from Axolotl, or that
     cannot happen here: said once, at load."""
     notes = []
@@ -300,8 +300,7 @@ def differences_worth_a_word(config: FinetuneConfig, raw: dict[str, Any]) -> lis
             "load_in_4bit with adapter: lora loads the base in 4-bit (QLoRA), as asked; Axolotl "
             "would load it unquantized with `adapter: lora` (say `adapter: qlora` to be clear)"
         )
-    reporters_named = config.wandb_project and config.mlflow_enabled()
-    if reporters_named and config.wandb_name and config.mlflow_run_name != config.wandb_name:
+    if config.mlflow_enabled() and config.run_name() != config.mlflow_run_name:
         notes.append(
             "mlflow_run_name: the MLflow run is named after wandb_name, as in Axolotl (the "
             "Trainer has one run name)"

@@ -65,14 +65,17 @@ def _all_datasets(config: FinetuneConfig) -> list[DatasetConfig]:
     return [*config.datasets, *(config.test_datasets or [])]
 
 
+def _template_choice(dataset: DatasetConfig, config: FinetuneConfig) -> tuple[str, str | None]:
+    """(template name, Jinja text or path) a chat dataset uses: its own keys, then the
+    config's; a Jinja template, where one is given, wins over any name."""
+    name = dataset.chat_template or config.chat_template or "tokenizer_default"
+    return name, dataset.chat_template_jinja or config.chat_template_jinja
+
+
 def _template_for(dataset: DatasetConfig, config: FinetuneConfig, tokenizer) -> str | None:
     if dataset.type != "chat_template":
         return None
-    return chat_templates.resolve_chat_template(
-        dataset.chat_template or config.chat_template or "tokenizer_default",
-        dataset.chat_template_jinja or config.chat_template_jinja,
-        tokenizer,
-    )
+    return chat_templates.resolve_chat_template(*_template_choice(dataset, config), tokenizer)
 
 
 def _build(config, tokenizer, templates, target: Path, log) -> PreparedData:
@@ -84,7 +87,7 @@ def _build(config, tokenizer, templates, target: Path, log) -> PreparedData:
     for index, (where, dataset, template) in enumerate(entries):
         samples, count = tokenize_dataset(dataset, config, tokenizer, template, where, log)
         log(
-            f"{where} {dataset.path} ({_type_name(dataset)}): {count.rows_read} rows read, "
+            f"{where} {dataset.path} ({dataset.type_name}): {count.rows_read} rows read, "
             f"{count.kept} kept"
         )
         (train_parts if index < n_train else eval_parts).append(samples)
@@ -113,13 +116,8 @@ def _build(config, tokenizer, templates, target: Path, log) -> PreparedData:
 
 
 def _template_name(dataset: DatasetConfig, config: FinetuneConfig) -> str:
-    if dataset.chat_template_jinja or (not dataset.chat_template and config.chat_template_jinja):
-        return "your chat_template_jinja"
-    return dataset.chat_template or config.chat_template or "tokenizer_default"
-
-
-def _type_name(dataset: DatasetConfig) -> str:
-    return dataset.type if isinstance(dataset.type, str) else "custom format"
+    name, jinja = _template_choice(dataset, config)
+    return "your chat_template_jinja" if jinja else name
 
 
 def tokenize_dataset(
@@ -202,9 +200,7 @@ def _stops(row, tokenizer) -> tuple[int, int]:
 
 
 def _no_stop_message(where, dataset: DatasetConfig, config, markers) -> str:
-    name = (
-        _template_name(dataset, config) if dataset.type == "chat_template" else _type_name(dataset)
-    )
+    name = _template_name(dataset, config) if dataset.type == "chat_template" else dataset.type_name
     looked = f" (looked for {', '.join(map(repr, markers))} after each answer)" if markers else ""
     return (
         f"{where} {dataset.path}: no answer ends with a trained stop token{looked}, so the model "
@@ -221,7 +217,7 @@ def _check_columns(columns, fields, dataset: DatasetConfig, where: str) -> None:
         expected = ", ".join(required) + (f" (optional: {', '.join(optional)})" if optional else "")
         raise DataRowError(
             f"{where} {dataset.path}: row 1: missing field {', '.join(map(repr, missing))} for "
-            f"type {_type_name(dataset)}; fields found: {', '.join(columns) or 'none'}; "
+            f"type {dataset.type_name}; fields found: {', '.join(columns) or 'none'}; "
             f"expected: {expected}"
         )
 
