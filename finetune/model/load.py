@@ -103,9 +103,12 @@ def load_model_config(config: FinetuneConfig):
         ) from None
 
 
-def load_model(config: FinetuneConfig, tokenizer, attn_implementation: str | None = None):
+def load_model(
+    config: FinetuneConfig, tokenizer, attn_implementation: str | None = None, log=print
+):
     """The base model for training: dtype, quantization, attention backend, embeddings resized
-    to the tokenizer, k-bit preparation and gradient checkpointing applied."""
+    to the tokenizer, k-bit preparation and gradient checkpointing applied. Under ZeRO-3 it is
+    created partitioned and filled a few tensors at a time (finetune.model.zero3_load)."""
     import os
 
     import torch
@@ -122,8 +125,11 @@ def load_model(config: FinetuneConfig, tokenizer, attn_implementation: str | Non
         extra["config"] = AutoConfig.from_pretrained(
             config.base_model_config, trust_remote_code=config.trust_remote_code
         )
+    model = None
+    if quantization is None and _zero3_enabled():
+        model = _load_partitioned(config, source, attn_implementation, log)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model or AutoModelForCausalLM.from_pretrained(
             source,
             revision=config.revision_of_model,
             trust_remote_code=config.trust_remote_code,
@@ -149,6 +155,55 @@ def load_model(config: FinetuneConfig, tokenizer, attn_implementation: str | Non
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     enable_gradient_checkpointing(model, config)
     return model
+
+
+def _zero3_enabled() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def _load_partitioned(config: FinetuneConfig, source: str, attn_implementation, log):
+    """ZeRO-3 without rank 0 reading the whole checkpoint; None where transformers must load it
+    (a checkpoint it renames or converts, remote code, no local safetensors)."""
+    from pathlib import Path
+
+    from finetune.model.zero3_load import load_partitioned
+
+    if config.trust_remote_code:
+        log("ZeRO-3: remote model code; transformers loads the checkpoint (rank 0 reads all of it)")
+        return None
+    folder = Path(source)
+    if not folder.is_dir():
+        folder = _hub_snapshot(config, source)
+        if folder is None:
+            return None
+    model_config = load_model_config(config)
+    return load_partitioned(
+        folder,
+        model_config,
+        torch_dtype(config),
+        attn_implementation or config.attn_implementation,
+        log,
+    )
+
+
+def _hub_snapshot(config: FinetuneConfig, repo_id: str):
+    """The Hub model's safetensors and json files (downloaded as from_pretrained would)."""
+    from pathlib import Path
+
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=config.revision_of_model,
+                allow_patterns=["*.safetensors", "*.json"],
+            )
+        )
+    except Exception:  # noqa: BLE001 (from_pretrained then reports the problem in its words)
+        return None
 
 
 def enable_gradient_checkpointing(model, config: FinetuneConfig) -> None:

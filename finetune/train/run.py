@@ -159,7 +159,7 @@ def _build_model(config: FinetuneConfig, tokenizer, log) -> tuple[torch.nn.Modul
     log(f"attention: {attention.reason}")
     if attention.implementation == PER_SAMPLE_ATTENTION:
         register_attention()
-    model = load_model(config, tokenizer, attn_implementation=attention.implementation)
+    model = load_model(config, tokenizer, attn_implementation=attention.implementation, log=log)
     if config.adapter:
         from finetune.model.adapters import attach_adapter
 

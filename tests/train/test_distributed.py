@@ -44,19 +44,20 @@ def write_config(folder: Path, model_dir: Path, prepared: Path, **options) -> Pa
     return path
 
 
-def run(command: list[str], cwd: Path) -> None:
+def run(command: list[str], cwd: Path) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
 def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
-def train_on_two_processes(config: Path, cwd: Path) -> None:
+def train_on_two_processes(config: Path, cwd: Path) -> str:
     port = str(free_port())
-    run(
+    return run(
         torchrun(
             "--nproc_per_node", "2", "--master_port", port, "-m", "finetune", "train", str(config)
         ),
@@ -83,12 +84,32 @@ def assert_same_adapter(output: Path, reference: dict) -> None:
     assert len(lines) == 4  # written once, by the main process only
 
 
+@pytest.fixture(scope="module")
+def sharded_model_dir(tmp_path_factory, tiny_model_dir):
+    """The same tiny model saved in several checkpoint files, as large models come."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("sharded-llama")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.save_pretrained(folder, max_shard_size="200KB")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    assert len(list(folder.glob("model-*.safetensors"))) > 2
+    return folder
+
+
 @pytest.mark.parametrize("deepspeed", [None, "zero2", "zero3"], ids=["ddp", "zero2", "zero3"])
-def test_two_processes_train_the_same_adapter(tmp_path, tiny_model_dir, reference, deepspeed):
+def test_two_processes_train_the_same_adapter(
+    tmp_path, tiny_model_dir, sharded_model_dir, reference, deepspeed
+):
     options = {"deepspeed": deepspeed} if deepspeed else {}  # bundled configs, by name
-    config = write_config(tmp_path, tiny_model_dir, tmp_path / "prepared", **options)
-    train_on_two_processes(config, tmp_path)
+    # ZeRO-3 fills its partitions shard by shard (finetune.model.zero3_load): a checkpoint in
+    # several files, whose every tensor must land where transformers' loader would put it.
+    model_dir = sharded_model_dir if deepspeed == "zero3" else tiny_model_dir
+    config = write_config(tmp_path, model_dir, tmp_path / "prepared", **options)
+    output = train_on_two_processes(config, tmp_path)
     assert_same_adapter(tmp_path / "out", reference)
+    if deepspeed == "zero3":
+        assert "copied into the partitions" in output, output[-3000:]
 
 
 def test_two_nodes_over_loopback(tmp_path, tiny_model_dir, reference):
