@@ -1,4 +1,5 @@
-"""Names of floating-point dtypes, in one table: `bf16`/`fp16`/`fp32` and their aliases."""
+"""Names of dtypes, in one place: `bf16`/`fp16`/`fp32` and their aliases, and safetensors'
+header names."""
 
 from __future__ import annotations
 
@@ -8,6 +9,21 @@ from finetune.errors import FinetuneError
 
 # Short name -> torch dtype; the short names are what configs, commands and reports say.
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The dtype names safetensors headers use.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 _ALIASES = {
     "bfloat16": "bf16",
     "float16": "fp16",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.merge.checkpoint import SAFETENSORS_DTYPES
+from finetune.dtypes import SAFETENSORS_DTYPES
 
 # Tensors gathered and broadcast together: fewer collectives, bounded memory on every rank.
 GROUP_BYTES = 128 * 2**20
