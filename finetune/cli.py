@@ -7,6 +7,7 @@ function.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -191,6 +192,40 @@ def train(
         typer.echo(
             f"done: {result.global_step} steps; adapter, tokenizer and logs in {result.output_dir}"
         )
+
+
+@app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)
+def plan(
+    ctx: typer.Context,
+    config: Path = CONFIG_ARG,
+    gpu: str = unset_by_default(
+        "--gpu", "Plan for this GPU (H100-80GB, A100-40GB, L4, ...; default: this machine's CPU)."
+    ),
+    num_gpus: int = typer.Option(
+        1, "--num-gpus", min=1, help="With --gpu: how many, one process each."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
+) -> None:
+    """Predict the run's peak memory, disk and time per epoch before training, and whether it
+    fits; when it does not, the single change that makes it fit.
+
+    Measures three steps of a 1- and 2-layer copy of the model (random weights: nothing is
+    downloaded but the model's config) and scales them to every layer.
+    """
+    from finetune.plan import make_plan
+    from finetune.plan.gpus import find_gpu, gpu_names
+    from finetune.plan.report import format_plan
+
+    loaded = _load(config, ctx.args, sample_data=False)
+    card = None
+    if gpu is not None:
+        card = find_gpu(gpu)
+        if card is None:
+            raise FinetuneError(f"--gpu {gpu}: not a GPU the planner knows; one of {gpu_names()}")
+    # Libraries that log to standard output while the steps run must not spoil --json.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = make_plan(loaded.config, card, num_gpus, log=lambda m: typer.echo(m, err=True))
+    typer.echo(json.dumps(result.as_json(), indent=2) if as_json else format_plan(result))
 
 
 @app.command(context_settings=WITH_OVERRIDES, epilog=OVERRIDES_HELP)

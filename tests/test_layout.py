@@ -52,6 +52,14 @@ ALLOWED = {
         "finetune.runfolder",
         *BASE,
     },
+    "finetune.plan": {
+        "finetune.config",
+        "finetune.data",
+        "finetune.model",
+        "finetune.machine",
+        "finetune.train",
+        *BASE,
+    },
     "finetune.push": {"finetune.config", *BASE},
     "finetune.runfolder": {"finetune.config", "finetune.model", "finetune.machine", *BASE},
     "finetune.preflight": {

@@ -24,7 +24,7 @@ from finetune.data.sources import fingerprint
 from finetune.fs import staged_folder
 
 # Bump when the preprocessing code changes what it writes, so old caches miss.
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 
 # Top-level keys that change the prepared tokens (dataset entries are hashed whole).
 _TOKEN_KEYS = (

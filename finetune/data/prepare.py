@@ -46,8 +46,7 @@ def prepare_datasets(
     global_template = chat_templates.resolve_chat_template(
         config.chat_template, config.chat_template_jinja, tokenizer
     )
-    key = cache_key(config, tokenizer, list(zip(_all_datasets(config), templates, strict=True)))
-    root = Path(config.dataset_prepared_path)
+    root, key = _cache_place(config, tokenizer, templates)
     target = root / key
     with cache_lock(root, key):
         if is_complete(target):
@@ -59,6 +58,21 @@ def prepare_datasets(
     used = {t for t in templates if t}
     prepared.chat_template = global_template or (used.pop() if len(used) == 1 else None)
     return prepared
+
+
+def cached_prepared(config: FinetuneConfig, tokenizer) -> PreparedData | None:
+    """The prepared data from the cache when every input is unchanged; None otherwise
+    (nothing is prepared)."""
+    templates = [_template_for(d, config, tokenizer) for d in _all_datasets(config)]
+    root, key = _cache_place(config, tokenizer, templates)
+    if not is_complete(root / key):
+        return None
+    return read_prepared(root / key, from_cache=True)
+
+
+def _cache_place(config: FinetuneConfig, tokenizer, templates) -> tuple[Path, str]:
+    key = cache_key(config, tokenizer, list(zip(_all_datasets(config), templates, strict=True)))
+    return Path(config.dataset_prepared_path), key
 
 
 def _all_datasets(config: FinetuneConfig) -> list[DatasetConfig]:

@@ -20,7 +20,7 @@ TOKEN_CODE = [
     "strategies/*.py",
     "templates/*.jinja",
 ]
-PINNED = (3, "8517d1f86a724bca")
+PINNED = (4, "02f33324477dbf0b")
 
 
 def token_code_digest() -> str:
