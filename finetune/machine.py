@@ -184,29 +184,42 @@ def shards_parameters(config: FinetuneConfig) -> bool:
     return bool(settings) and settings.get("zero_optimization", {}).get("stage") == 3
 
 
-def tune_cpu_allocator(config: FinetuneConfig) -> str | None:
-    """CPU training: set glibc's malloc for the kind of run; returns what was set, or None.
+def cpu_allocator_mode(config: FinetuneConfig) -> str:
+    """How glibc's malloc should treat memory a CPU training step frees: "keep" or "give back".
 
-    An unsharded run allocates and frees the same large activations every step. glibc serves
-    allocations above its mmap threshold (32 MB at most) with fresh mappings and returns a free
-    heap top to the OS, so each step page-faults all of them in again: on SmolLM2-135M with
-    2048-token rows, ~230k faults and 1.5-2.5 s of system time per 11-13 s step. With both
-    thresholds raised ("keep"), steps after the first few fault almost nothing; the process keeps
-    its peak memory until it exits, and the peak grows a little (6.3 -> 6.8 GB in
-    bench/train_throughput.py, packed).
+    An unsharded run without gradient checkpointing allocates and frees the same large
+    activations every step. glibc serves allocations above its mmap threshold (32 MB at most)
+    with fresh mappings and returns a free heap top to the OS, so each step page-faults all of
+    them in again: on SmolLM2-135M with 2048-token rows, ~230k faults and 1.5-2.5 s of system
+    time per 11-13 s step. With both thresholds raised ("keep"), steps after the first few fault
+    almost nothing; the process keeps its peak memory until it exits, and the peak grows a
+    little (6.3 -> 6.8 GB in bench/train_throughput.py, packed).
+
+    With gradient checkpointing, keeping is the wrong trade: the heap fragments. Each layer's
+    recomputed activations are freed between the small tensors the step keeps, and the next
+    layer's requests no longer fit the holes, so the heap grows by part of a layer's
+    activations per layer: SmolLM2-135M, one 4096-token row, LoRA, 5.5 GB peak RSS for 1.1 GB
+    of live tensors. With every large block in its own mapping, given back when freed ("give
+    back"), the same step peaks at 1.7 GB, for ~1.6x the step time (the page faults: 28 -> 45 s
+    per step there). A run that turns checkpointing on has chosen memory over speed.
 
     A run that shards its parameters (`shards_parameters`, ZeRO-3) gathers each layer's full
     weights and frees them again; kept in the heap, or in a heap whose mmap threshold glibc
-    raises by itself after the first large free, they undo the sharding. Such a run gets a
-    fixed 128 KiB mmap threshold ("give back"), so every freed weight goes back to the OS
-    (bench/zero3_load.py).
-
-    Skipped on GPUs, without glibc, and when the user tunes malloc through GLIBC_TUNABLES or
-    MALLOC_* variables.
+    raises by itself after the first large free, they undo the sharding (bench/zero3_load.py):
+    it gives back too.
     """
+    if config.gradient_checkpointing or shards_parameters(config):
+        return "give back"
+    return "keep"
+
+
+def tune_cpu_allocator(config: FinetuneConfig) -> str | None:
+    """CPU training: set glibc's malloc for the kind of run (`cpu_allocator_mode`); returns
+    what was set, or None. Skipped on GPUs, without glibc, and when the user tunes malloc
+    through GLIBC_TUNABLES or MALLOC_* variables."""
     if cuda_available():
         return None  # the weights live in GPU memory
-    mode = "give back" if shards_parameters(config) else "keep"
+    mode = cpu_allocator_mode(config)
     return mode if set_cpu_allocator(mode) else None
 
 
@@ -226,8 +239,11 @@ def set_cpu_allocator(mode: str) -> bool:
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc only (not musl)
     if mallopt is None:
         return False
-    # A fixed mmap threshold also turns off glibc's raising it by itself after a large free.
-    mmap, trim = (
-        (128 * 1024, 128 * 1024) if mode == "give back" else (_KEEP_UP_TO // 2, _KEEP_UP_TO)
-    )
+    mmap, trim = malloc_thresholds(mode)
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap) and mallopt(_M_TRIM_THRESHOLD, trim))
+
+
+def malloc_thresholds(mode: str) -> tuple[int, int]:
+    """glibc's (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) for "keep" or "give back". A fixed mmap
+    threshold also turns off glibc's raising it by itself after a large free."""
+    return (128 * 1024, 128 * 1024) if mode == "give back" else (_KEEP_UP_TO // 2, _KEEP_UP_TO)

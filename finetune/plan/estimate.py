@@ -11,14 +11,16 @@ architecture, adapter, quantization, attention or loss; layers repeat, so
 where outside(T) (embeddings, head, loss) is linear in T between the two 1-layer steps, and
 per_layer is the second layer's activation bytes per token.
 
-On this CPU the process holds more than its live tensors: glibc keeps freed blocks, and kernels
+On this CPU a run that keeps freed memory in glibc's heap (`finetune.machine.cpu_allocator_mode`:
+no checkpointing, unsharded) holds more than its live tensors: the heap fragments, and kernels
 allocate scratch memory no tensor shows. `bench/plan_accuracy.py` (SmolLM2-135M: LoRA, QLoRA,
-DoRA, checkpointing on and off, 1,024 and 2,048 tokens) found that excess independent of the
-adapter and of checkpointing, growing with layers x tokens: `CPU_HEAP_BASE` plus
-`CPU_HEAP_PER_HIDDEN` hidden-state-sized blocks per layer per token, fitted by least squares on
-11 of those runs (each still predicted within 15% when left out of the fit). A quantized run on
-CPU also holds the full-precision weights it quantized from. That the excess scales with the
-hidden size of other models is an assumption one model cannot test. On a GPU the same tensors
+DoRA, 1,024 and 2,048 tokens) found that excess independent of the adapter, growing with
+layers x tokens: `CPU_HEAP_BASE` plus `CPU_HEAP_PER_HIDDEN` hidden-state-sized blocks per layer
+per token, fitted by least squares (each run still predicted within 15% when left out of the
+fit). A run that gives freed blocks back (checkpointing, ZeRO-3) holds its live tensors and
+little more. A quantized run on CPU also holds the full-precision weights it quantized from.
+That the excess scales with the hidden size of other models is an assumption one model cannot
+test. On a GPU the same tensors
 are counted; the CUDA context and allocator slack are estimates, stated as such, until a GPU
 run checks them.
 """
@@ -194,11 +196,15 @@ def _breakdown(
 def _allocator(config: FinetuneConfig, model: Model, tokens: int, activations: int, gpu) -> int:
     """Memory beyond the live tensors: the CPU heap's excess (and, quantizing on CPU, the
     full-precision weights), or the CUDA caching allocator's slack."""
+    from finetune.machine import cpu_allocator_mode
+
     if gpu is not None:
         return int((CUDA_ALLOCATOR_FACTOR - 1) * activations)
-    heap = CPU_HEAP_BASE + CPU_HEAP_PER_HIDDEN * (
-        model.layers * model.hidden_size * model.dtype_bytes * tokens
-    )
+    heap = 0  # "give back" (checkpointing, ZeRO-3): every large block is returned when freed
+    if cpu_allocator_mode(config) == "keep":
+        heap = CPU_HEAP_BASE + CPU_HEAP_PER_HIDDEN * (
+            model.layers * model.hidden_size * model.dtype_bytes * tokens
+        )
     if config.load_in_4bit or config.load_in_8bit:
         heap += max(0, model.parameters() * model.dtype_bytes - model.weights())
     return int(heap)
@@ -288,16 +294,19 @@ def _suggest(config, model: Model, tokens: int, runtime: int, gpu, num_gpus: int
     budget = plan.budget_bytes
     base = plan.breakdown
 
-    def total_with(activations: int, weights: int | None = None, tokens_: int = tokens) -> int:
+    def total_with(
+        activations: int, weights: int | None = None, tokens_: int = tokens, run=config
+    ) -> int:
         w = base.weights if weights is None else weights
-        extra = _allocator(config, model, tokens_, activations, gpu)
+        extra = _allocator(run, model, tokens_, activations, gpu)
         return int(
             w + base.adapter + base.gradients + base.optimizer + activations + extra + base.runtime
         )
 
     gb = 1e9
     if not config.gradient_checkpointing:
-        peak = total_with(model.activations(tokens, checkpointing=True))
+        checkpointed = config.model_copy(update={"gradient_checkpointing": True})
+        peak = total_with(model.activations(tokens, checkpointing=True), run=checkpointed)
         if peak <= budget:
             return f"gradient_checkpointing: true (about {peak / gb:.1f} GB)"
     for name, value in (

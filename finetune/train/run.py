@@ -153,7 +153,7 @@ def _build_model(config: FinetuneConfig, tokenizer, log) -> tuple[torch.nn.Modul
     from finetune.model.load import load_model, load_model_config
     from finetune.train.attention import PER_SAMPLE_ATTENTION, register_attention
 
-    tune_cpu_allocator(config)  # CPU: reuse activations' memory; sharded runs give it back
+    tune_cpu_allocator(config)  # CPU: keep activations' memory, or give it back (ckpt, ZeRO-3)
     set_seed(config.seed)  # the adapter's initial weights too come from the seed
     attention = choose_attention(config, load_model_config(config))
     log(f"attention: {attention.reason}")
