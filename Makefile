@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # `pip install torch==2.13.0` takes a local CPU wheel; on a CUDA machine it is the CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-gpu lint quickstart bench clean
+.PHONY: install test test-gpu lint quickstart bench bench-peers clean
 
 install: $(STAMP)
 
@@ -62,8 +62,28 @@ quickstart: $(STAMP)
 	$(BIN)/finetune eval $(QUICKSTART) --data data/samples/quickstart_heldout.jsonl --merged \
 		--gguf outputs/quickstart/export/quickstart-q8_0.gguf --show 3
 
-bench: $(STAMP)
+# The peer, Axolotl 0.19, in its own virtualenv: the same pinned torch first, then the Axolotl
+# wheel with a constraint that keeps that torch (its own pins would otherwise pull another).
+PEERS       := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+AXOLOTL     ?= axolotl==0.19.0
+
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS)/bin/python -m pip install --quiet "$(TORCH)"
+	echo "$(TORCH)" > $(PEERS)/constraints.txt
+	$(PEERS)/bin/python -m pip install --quiet -c $(PEERS)/constraints.txt "$(AXOLOTL)"
+	@touch $(PEERS_STAMP)
+
+# Every benchmark, the peer comparison included, rewriting bench/RESULTS.md.
+bench: $(STAMP) $(PEERS_STAMP)
 	$(BIN)/python bench/run_all.py
 
+# finetune against Axolotl on the same data, config and machine, alternating runs
+# (bench/peers.py); only its section of bench/RESULTS.md is replaced.
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python bench/run_all.py peers.py
+
 clean:
-	rm -rf $(VENV) outputs last_run_prepared .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS) outputs last_run_prepared .pytest_cache .ruff_cache

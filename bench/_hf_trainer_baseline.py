@@ -2,6 +2,7 @@
 
 HF Trainer + PEFT LoRA (r16, all linear layers) + DataCollatorForSeq2Seq padding, fp32, the
 Alpaca prompt masked. Prints trained tokens per second over the steps after the first.
+STEPS 0: one epoch (bench/peers.py's whole-process wall time).
 
     python bench/_hf_trainer_baseline.py MODEL_DIR DATA.jsonl OUT_DIR STEPS BATCH
 """
@@ -65,7 +66,8 @@ def main() -> None:
     args = TrainingArguments(
         out,
         per_device_train_batch_size=batch,
-        max_steps=steps + 1,
+        max_steps=steps + 1 if steps else -1,
+        num_train_epochs=1,
         learning_rate=1e-4,
         use_cpu=True,
         report_to="none",

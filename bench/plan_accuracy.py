@@ -23,7 +23,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -98,7 +97,6 @@ def main() -> None:
 
     model = str(ensure_default_model(log=lambda m: None))
     rows = []
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "alpaca.jsonl"
@@ -122,7 +120,6 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-    elapsed = time.perf_counter() - started
     worst = max(abs(p / m - 1) for *_, p, m in rows)
     if not args.markdown:
         print(json.dumps({"rows": rows, "worst_error": worst}))
@@ -146,13 +143,12 @@ def main() -> None:
         )
     lines += [
         "",
-        f"Largest error: **{worst:.1%}** (target ±15%). The tensors are measured, not fitted; "
-        "the CPU heap's excess over them (two numbers, finetune/plan/estimate.py) was fitted "
-        "on an earlier round of these runs, so this table is close to in-sample for those two "
-        "numbers. One model "
-        "only: that the excess scales with other models' hidden size and depth is untested.",
-        "",
-        f"Command: `python bench/plan_accuracy.py --markdown` ({elapsed:.0f} s)",
+        f"Largest error: **{worst:.1%}** (target ±15%). The tensors are measured, not fitted. "
+        "Runs without checkpointing keep freed memory in glibc's heap, whose excess over the "
+        "tensors is two numbers (finetune/plan/estimate.py) fitted on an earlier round of "
+        "those runs (2026-11-25, AMD EPYC), so those rows are close to in-sample; runs with "
+        "checkpointing give freed memory back and have no fitted term. One model only: that "
+        "the excess scales with other models' hidden size and depth is untested.",
     ]
     print("\n".join(lines))
 
