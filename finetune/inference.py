@@ -18,6 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 from finetune.config import FinetuneConfig
 from finetune.dtypes import torch_dtype_named
 from finetune.errors import FinetuneError, ModelLoadError
+from finetune.model.load import keep_4bit_layers_in_compute_dtype
 from finetune.model.source import model_source
 
 # Tokens that end an assistant turn in common chat templates. Generation stops at the
@@ -84,6 +85,7 @@ def load_for_inference(
     )
     if not placed:
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    keep_4bit_layers_in_compute_dtype(model)  # the compute dtype asked for, on every CPU
     # Training resizes the embeddings when it adds tokens to the tokenizer (a pad token, a chat
     # template's markers) and saves them in the adapter; the base must match before loading it.
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -49,6 +49,8 @@ def check_merged_model(
     from peft import PeftModel  # only here: a merged model must not need peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from finetune.model.load import keep_4bit_layers_in_compute_dtype
+
     quantization = None
     if nf4:
         quantization = BitsAndBytesConfig(
@@ -66,6 +68,7 @@ def check_merged_model(
     vocab_size = merged.get_input_embeddings().num_embeddings
     if reference.get_input_embeddings().num_embeddings != vocab_size:  # tokens were added
         reference.resize_token_embeddings(vocab_size, mean_resizing=False)
+    keep_4bit_layers_in_compute_dtype(reference)  # the computation the adapter trained on
     reference = PeftModel.from_pretrained(reference, adapter_folder).eval()
 
     # Token ids work for every model, with or without a tokenizer.

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, L
 import finetune.merge.run
 from finetune.errors import FinetuneError
 from finetune.merge import MergeError, merge_adapter
+from finetune.model.load import keep_4bit_layers_in_compute_dtype
 
 PROMPTS = torch.tensor([[1, 5, 9, 14, 3, 77, 100, 2], [7, 7, 7, 8, 20, 50, 90, 127]])
 # fp32 merge vs unmerged peft forward: only the summation order differs.
@@ -89,12 +90,9 @@ def train_adapter(
             if param.requires_grad:  # lora_A/B, DoRA magnitudes, modules_to_save copies
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
     model.eval()
-    for module in model.modules():
-        # On CPUs with AVX512-BF16, bitsandbytes runs a 4-bit layer in eval mode through a bf16
-        # kernel whatever its compute dtype (~2e-3 off in these logits); the reference is the
-        # computation the adapter trained on, the compute dtype's.
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
+    # On CPUs with AVX512-BF16, bitsandbytes would run a 4-bit layer in eval mode through a bf16
+    # kernel (~2e-3 off in these logits); the reference is the computation training does.
+    keep_4bit_layers_in_compute_dtype(model)
     with torch.no_grad():
         logits = model(PROMPTS).logits
     model.save_pretrained(folder)
