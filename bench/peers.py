@@ -14,10 +14,11 @@ YAML file, the same machine, runs alternating between the two so that drift hits
 Both tools read the one config file (Axolotl's keys). On this CPU Axolotl needs `bf16: false`
 and its LoRA kernels off; both sides get the offline variables. On CPU finetune sets glibc's
 malloc for the run (finetune.machine.cpu_allocator_mode: keep freed memory, or give it back when
-checkpointing). In the preprocess and epoch runs Axolotl's processes get the same setting (a
-sitecustomize module on PYTHONPATH), so the allocator is not what is compared; in the memory
+checkpointing) and asks PyTorch for huge pages (use_huge_pages_for_tensors). In the preprocess
+and epoch runs Axolotl's processes get the same settings (a sitecustomize module on PYTHONPATH,
+THP_MEM_ALLOC_ENABLE), so the allocator is not what is compared; in the memory
 runs Axolotl runs as its users get it, and once more with finetune's setting, reported
-separately. The baseline is left at glibc's defaults: it is what a user writes without a tool.
+separately. The baseline is left at the defaults: it is what a user writes without a tool.
 """
 
 from __future__ import annotations
@@ -135,11 +136,12 @@ class Runner:
         kill_above_gb: float | None = None,
         same_allocator: bool = True,
     ):
-        """`same_allocator`: Axolotl gets the malloc setting finetune picks for this config;
-        otherwise glibc's defaults, what its users get."""
+        """`same_allocator`: Axolotl gets the allocator settings finetune picks for this config
+        (malloc thresholds, PyTorch's huge pages); otherwise the defaults, what its users get."""
         env = dict(self.env[side])
         if side == "axolotl" and same_allocator:
             env["PEER_MALLOC"] = cpu_allocator_mode(load_config(config_file).config)
+            env["THP_MEM_ALLOC_ENABLE"] = "1"  # as finetune's CLI sets (use_huge_pages_for_tensors)
         return measured(self.command(side, verb, config_file), env, kill_above_gb)
 
 
@@ -318,8 +320,9 @@ def markdown(r: dict) -> str:
         "Both tools read the same YAML file (Axolotl's keys: LoRA r16 alpha 32 on all linear "
         "layers, packed, AdamW, fp32: `bf16: false`, Axolotl's LoRA kernels off), on the same "
         "data and machine, runs alternating; Axolotl 0.19.0 and finetune on torch 2.13.0 (CPU). "
-        "In the preprocess and one-epoch runs Axolotl's processes get the malloc setting finetune "
-        "picks for the config. Peak RSS: the process and its children, sampled every 0.1 s.",
+        "In the preprocess and one-epoch runs Axolotl's processes get the allocator settings "
+        "finetune picks for the config (glibc malloc thresholds, PyTorch's huge pages). "
+        "Peak RSS: the process and its children, sampled every 0.1 s.",
     ]
     if "preprocess" in r:
         p = r["preprocess"]
@@ -352,7 +355,7 @@ def markdown(r: dict) -> str:
         names = {
             "finetune": "finetune train (packed)",
             "axolotl": "axolotl train --launcher python (packed)",
-            "baseline": "HF Trainer + PEFT, padded batches of 4 (glibc malloc defaults)",
+            "baseline": "HF Trainer + PEFT, padded batches of 4 (allocator defaults)",
         }
         for side, label in names.items():
             runs = e["runs"][side]
@@ -389,9 +392,9 @@ def markdown(r: dict) -> str:
         same = m.get("axolotl_same_allocator")
         lines += [
             "",
-            "Axolotl runs here with glibc's malloc defaults, as its users get it; finetune "
+            "Axolotl runs here with the allocator defaults, as its users get it; finetune "
             "gives freed memory back to the OS when checkpointing (finetune.machine."
-            "cpu_allocator_mode). Axolotl given the same setting, at "
+            "cpu_allocator_mode) and asks for huge pages. Axolotl given the same settings, at "
             f"{COMPARED_AT:,} tokens: " + (f"{same:.2f} GB." if same else "failed."),
         ]
         lines += [

@@ -535,6 +535,9 @@ def _read_prompt_line() -> str | None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point. User errors print in a line or two and exit 2, in every mode;
     --traceback shows the traceback."""
+    from finetune.machine import use_huge_pages_for_tensors
+
+    use_huge_pages_for_tensors()  # before torch loads: large CPU tensors in 2 MB pages
     args = list(sys.argv[1:] if argv is None else argv)
     # `--traceback` may come anywhere (after the config too); it is a global option.
     traceback = "--traceback" in args

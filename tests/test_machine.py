@@ -30,7 +30,9 @@ print(json.dumps({"applied": applied, "faults": faults}))
 
 def rounds(mode: str, **env: str) -> dict:
     environment = {
-        k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE") and not k.startswith("MALLOC_")
     }
     environment.update(env)
     run = subprocess.run(
@@ -55,6 +57,48 @@ def test_cpu_training_does_not_page_fault_freed_memory_in_again():
 def test_users_own_malloc_tuning_is_left_alone():
     tuned = rounds("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000")
     assert tuned["applied"] is False
+
+
+# Whether a 256 MB tensor, touched, lies in transparent huge pages (the process's AnonHugePages).
+HUGE_PAGES = """
+import json, sys
+from finetune.machine import use_huge_pages_for_tensors
+applied = use_huge_pages_for_tensors() if sys.argv[1] == "cli" else False
+import torch
+x = torch.ones(64_000_000)
+rollup = open("/proc/self/smaps_rollup").read().splitlines()
+huge = next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages:"))
+print(json.dumps({"applied": applied, "huge_mb": huge // 1024}))
+"""
+
+
+def huge_pages(mode: str, **env: str) -> dict:
+    environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    run = subprocess.run(
+        [sys.executable, "-c", HUGE_PAGES, mode],
+        capture_output=True,
+        text=True,
+        env={**environment, **env},
+        check=True,
+    )
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_the_cli_puts_large_tensors_in_huge_pages():
+    from pathlib import Path
+
+    import pytest
+
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not setting.exists() or "[never]" in setting.read_text():
+        pytest.skip("this kernel has transparent huge pages turned off")
+    cli = huge_pages("cli")
+    assert cli["applied"] is True
+    assert cli["huge_mb"] >= 200, cli  # of the 256 MB tensor
+    if "[madvise]" in setting.read_text():  # else the kernel gives huge pages to everyone
+        assert huge_pages("plain")["huge_mb"] < 50
+    # A user's own setting stands.
+    assert huge_pages("cli", THP_MEM_ALLOC_ENABLE="0")["applied"] is False
 
 
 def test_one_process_never_drives_several_gpus_through_data_parallel():
