@@ -70,8 +70,15 @@ def lora_config(config: FinetuneConfig, model: torch.nn.Module):
 
 def attach_adapter(model: torch.nn.Module, config: FinetuneConfig, log=print):
     """Wrap the model with a new adapter, or continue from `lora_model_dir`."""
+    import warnings
+
     from peft import PeftModel, get_peft_model
 
+    # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning about
+    # library code that a user can do nothing about, printed into every run's output.
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     if config.lora_model_dir:
         try:
             peft_model = PeftModel.from_pretrained(model, config.lora_model_dir, is_trainable=True)

@@ -69,3 +69,14 @@ def test_a_tiny_update_to_lm_head_is_not_lost_to_bf16_rounding(tmp_path, untied_
     assert (step > 0).float().mean() > 0.9  # nearly every weight moved...
     assert step.max() < 2e-5  # ...by about the learning rate...
     assert (trained.to(torch.bfloat16).float() == start).float().mean() > 0.75  # ...below bf16
+
+
+def test_attaching_an_adapter_prints_no_library_deprecation_warning(tmp_path, untied_model_dir):
+    import warnings
+
+    config = bf16_config(tmp_path, untied_model_dir)
+    model = load_model(config, load_tokenizer(config))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attach_adapter(model, config, log=lambda message: None)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
