@@ -146,9 +146,11 @@ def main() -> None:
         f"Largest error: **{worst:.1%}** (target ±15%). The tensors are measured, not fitted. "
         "Runs without checkpointing keep freed memory in glibc's heap, whose excess over the "
         "tensors is two numbers (finetune/plan/estimate.py) fitted on an earlier round of "
-        "those runs (2026-11-25, AMD EPYC), so those rows are close to in-sample; runs with "
-        "checkpointing give freed memory back and have no fitted term. One model only: that "
-        "the excess scales with other models' hidden size and depth is untested.",
+        "those runs (2026-12-07, Intel Xeon without AVX512-BF16, large tensors in huge "
+        "pages), so those rows are close to in-sample; left out of the fit one at a time, "
+        "each was still predicted within 12%, except QLoRA at 2,048 tokens (19% under). "
+        "Runs with checkpointing give freed memory back and have no fitted term. One model "
+        "only: that the excess scales with other models' hidden size and depth is untested.",
     ]
     print("\n".join(lines))
 

@@ -64,7 +64,15 @@ class Model:
         return int(self.outside(tokens) + self.layers * per_layer)
 
     def seconds(self, tokens: int) -> float:
-        return self._linear("seconds", tokens)
+        """The step's FLOPs (counted, so exact to scale) at the FLOP rate the three measured
+        steps achieved together. Scaling their seconds directly, as the bytes are, fails on a
+        busy machine: a 2-layer step that happens to run faster than the 1-layer one gives a
+        negative layer time (a plan of "0 s per epoch")."""
+        steps = (self.short, self.one, self.two)
+        flops, seconds = sum(s.flops for s in steps), sum(s.seconds for s in steps)
+        if flops <= 0 or seconds <= 0:
+            return self._linear("seconds", tokens)
+        return self.flops(tokens) * seconds / flops
 
     def flops(self, tokens: int) -> float:
         return self._linear("flops", tokens)

@@ -140,3 +140,20 @@ def test_an_unknown_gpu_is_a_clear_error(tmp_path, six_layer_model):
     assert result.returncode == 2
     assert "--gpu GTX-Imaginary: not a GPU the planner knows; one of H200" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_step_time_scales_the_counted_flops_even_when_timings_are_noisy():
+    """A busy machine can time the 2-layer step faster than the 1-layer one; scaling seconds
+    directly then gave a negative layer time (clamped: "0 s per epoch"). The FLOPs are counted
+    exactly; the measured steps only give the rate."""
+    from finetune.plan.measure import StepMeasure
+    from finetune.plan.scaling import Model
+
+    def step(layers: int, tokens: int, seconds: float) -> StepMeasure:
+        flops = 10**9 * tokens * (1 + layers)  # 1 GFLOP per token outside, 1 per layer
+        return StepMeasure(layers, tokens, 0, 0, 0, 0, 0, seconds, flops)
+
+    # the three steps: 2, 4 and 6 x 512 GFLOPs, timed at 1.0, 2.2 and 2.0 s (the last noisy)
+    model = Model(30, 64, 4, step(1, 512, 1.0), step(1, 1024, 2.2), step(2, 1024, 2.0))
+    rate = (2 + 4 + 6) * 512e9 / 5.2  # FLOPs per second over the three steps
+    assert model.seconds(4096) == pytest.approx(4096 * 31e9 / rate)
