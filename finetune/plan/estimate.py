@@ -229,7 +229,7 @@ def _add_time(plan: Plan, config: FinetuneConfig, model: Model, gpu, num_gpus: i
     tokens = plan.tokens_per_micro_batch
     if gpu is None:
         plan.seconds_per_step = model.seconds(tokens) * config.gradient_accumulation_steps
-        plan.time_basis = "measured on this CPU: the shortened models' steps, scaled to every layer"
+        plan.time_basis = "the step's FLOPs at the rate the shortened models reached on this CPU"
     else:
         flops = model.flops(tokens) * config.gradient_accumulation_steps
         plan.seconds_per_step = flops / (gpu.tflops_16bit * 1e12 * ASSUMED_MFU)
