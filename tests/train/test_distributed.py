@@ -149,13 +149,19 @@ def test_two_nodes_over_loopback(tmp_path, tiny_model_dir, reference):
     assert_same_adapter(tmp_path / "out", reference)
 
 
-def test_deepspeed_in_one_process_without_a_launcher(tmp_path, tiny_model_dir, reference):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_deepspeed_in_one_process_without_a_launcher(
+    tmp_path, tiny_model_dir, reference, checkpointing
+):
+    """ZeRO-2 in one process, with and without (non-reentrant) gradient checkpointing: the
+    adapter of the plain one-process run."""
     config = write_config(
         tmp_path,
         tiny_model_dir,
         tmp_path / "prepared",
         micro_batch_size=2,
         deepspeed="zero2",
+        gradient_checkpointing=checkpointing,
     )
     run([sys.executable, "-m", "finetune", "train", str(config)], tmp_path)
     assert_same_adapter(tmp_path / "out", reference)
