@@ -1,5 +1,5 @@
 """Names of dtypes, in one place: `bf16`/`fp16`/`fp32` and their aliases, and safetensors'
-header names."""
+header names; and bitsandbytes' 4-bit layers kept computing in the dtype asked for."""
 
 from __future__ import annotations
 
@@ -47,3 +47,17 @@ def torch_dtype_named(name: str | torch.dtype, what: str = "dtype") -> torch.dty
     if short is None:
         raise FinetuneError(f"{what} {name!r} is not one of bf16, fp16, fp32")
     return FLOAT_DTYPES[short]
+
+
+def keep_4bit_layers_in_compute_dtype(model) -> None:
+    """Make bitsandbytes' 4-bit layers compute as configured on every CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer's weights for a bf16
+    kernel the first time it runs in eval mode without gradients, and keeps them repacked. The
+    eval logits then come out in bf16 whatever `bnb_4bit_compute_dtype` says, and, worse, once a
+    layer is repacked, training goes on through that kernel, which has no backward: gradients
+    through the frozen 4-bit weights are dropped silently after the first evaluation (measured:
+    LoRA gradients off by more than their own size). We turn the repacking off."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False

@@ -16,9 +16,8 @@ from transformers import BatchEncoding
 from transformers.generation.streamers import BaseStreamer
 
 from finetune.config import FinetuneConfig
-from finetune.dtypes import torch_dtype_named
+from finetune.dtypes import keep_4bit_layers_in_compute_dtype, torch_dtype_named
 from finetune.errors import FinetuneError, ModelLoadError
-from finetune.model.load import keep_4bit_layers_in_compute_dtype
 from finetune.model.source import model_source
 
 # Tokens that end an assistant turn in common chat templates. Generation stops at the

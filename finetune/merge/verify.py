@@ -49,7 +49,7 @@ def check_merged_model(
     from peft import PeftModel  # only here: a merged model must not need peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from finetune.model.load import keep_4bit_layers_in_compute_dtype
+    from finetune.dtypes import keep_4bit_layers_in_compute_dtype
 
     quantization = None
     if nf4:

@@ -151,25 +151,13 @@ def load_model(
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
+        from finetune.dtypes import keep_4bit_layers_in_compute_dtype
+
         # Checkpointing is ours to set up (below), the same way for every adapter kind.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_layers_in_compute_dtype(model)
     enable_gradient_checkpointing(model, config)
     return model
-
-
-def keep_4bit_layers_in_compute_dtype(model) -> None:
-    """Make bitsandbytes' 4-bit layers compute as configured on every CPU.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer's weights for a bf16
-    kernel the first time it runs in eval mode without gradients, and keeps them repacked. The
-    eval logits then come out in bf16 whatever `bnb_4bit_compute_dtype` says, and, worse, once a
-    layer is repacked, training goes on through that kernel, which has no backward: gradients
-    through the frozen 4-bit weights are dropped silently after the first evaluation (measured:
-    LoRA gradients off by more than their own size). We turn the repacking off."""
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
 
 
 def _zero3_enabled() -> bool:

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, LlamaConfig
 
 import finetune.merge.run
+from finetune.dtypes import keep_4bit_layers_in_compute_dtype
 from finetune.errors import FinetuneError
 from finetune.merge import MergeError, merge_adapter
-from finetune.model.load import keep_4bit_layers_in_compute_dtype
 
 PROMPTS = torch.tensor([[1, 5, 9, 14, 3, 77, 100, 2], [7, 7, 7, 8, 20, 50, 90, 127]])
 # fp32 merge vs unmerged peft forward: only the summation order differs.
