@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from finetune.config import FinetuneConfig
 from finetune.errors import ModelLoadError, TrainingError
+
+if TYPE_CHECKING:  # annotations only: the CLI imports this module before anything else loads
+    from finetune.config import FinetuneConfig
 
 
 @cache
