@@ -10,9 +10,14 @@ The pipeline, one package per stage (each says what it owns and may import):
     merge/          fold the adapter into the base, shard by shard, and verify it
     inference.py    generation and chat
     machine.py      what this machine can run (precision, devices, refusals)
-    errors.py       the FinetuneError tree; fs.py staged writes; dtypes.py; hub.py
+    errors.py       the FinetuneError tree; fs.py staged writes; dtypes.py; hub.py (the Hub,
+                    and the guard that keeps bitsandbytes from fetching code from it)
 
 Dependencies point one way, from the CLI down to config (tests/test_layout.py checks it).
 """
 
 __version__ = "0.1.0"
+
+from finetune.hub import no_hub_kernels_in_bitsandbytes  # noqa: E402
+
+no_hub_kernels_in_bitsandbytes()  # before peft imports bitsandbytes: no code from the Hub

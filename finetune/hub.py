@@ -3,8 +3,10 @@ and whether a name can be a Hub id at all."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 # `name` or `owner/name`: what the Hub accepts as a model or dataset id.
@@ -47,3 +49,58 @@ def resolved_dataset_revision(repo_id: str, revision: str | None) -> str | None:
         / (revision or "main")
     )
     return ref.read_text().strip() if ref.is_file() else None
+
+
+# bitsandbytes (>= 0.50), imported by every `import peft`, asks the Hub for a compiled kernel
+# (kernels-community/quantization-bitsandbytes, through the `kernels` package) at import time on
+# CPUs with AVX512-BF16: a request to huggingface.co on every command, and code from the Hub run
+# without trust_remote_code once the publisher is trusted. finetune never loads Hub kernels:
+# while bitsandbytes imports, `kernels` cannot be imported, and bitsandbytes keeps its own kernels.
+_BNB_HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _BitsandbytesWithoutHubKernels:
+    """A meta path finder: the first import of bitsandbytes runs with `kernels` unimportable."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "bitsandbytes":
+            return None
+        import importlib.machinery
+
+        sys.meta_path.remove(self)  # once: later imports find the loaded module
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_without_hub_kernels(module):
+            kernels = sys.modules.get("kernels", _ABSENT)
+            sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError
+            try:
+                exec_module(module)
+            finally:
+                if kernels is _ABSENT:
+                    sys.modules.pop("kernels", None)
+                else:
+                    sys.modules["kernels"] = kernels
+
+        spec.loader.exec_module = exec_without_hub_kernels
+        return spec
+
+
+class _DropHubKernelWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_BNB_HUB_KERNEL_WARNING)
+
+
+_ABSENT = object()
+
+
+def no_hub_kernels_in_bitsandbytes() -> None:
+    """Install the guard (the package root does, before anything imports bitsandbytes)."""
+    if "bitsandbytes" in sys.modules or any(
+        isinstance(finder, _BitsandbytesWithoutHubKernels) for finder in sys.meta_path
+    ):
+        return
+    sys.meta_path.insert(0, _BitsandbytesWithoutHubKernels())
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelWarning())

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).parents[1] / "finetune"
 # Dependencies point one way: cli -> train/merge/inference -> data/model -> machine -> config.
 BASE = {"finetune.errors", "finetune.fs", "finetune.dtypes", "finetune.hub"}
 ALLOWED = {
-    "finetune": set(),  # the package root: its version only
+    "finetune": {"finetune.hub"},  # the package root: its version, the Hub-kernel guard
     "finetune.errors": set(),
     "finetune.fs": set(),
     "finetune.dtypes": {"finetune.errors"},
