@@ -180,6 +180,11 @@ def train(
         min=1,
         help="Re-launch on N processes (accelerate launch; torchrun on CPU).",
     ),
+    plan: bool = unset_by_default(
+        "--plan/--no-plan",
+        "Predict peak memory before loading the model and warn if it will not fit "
+        "(default: unless the run is so short that the plan would cost over 2% of it).",
+    ),
 ) -> None:
     """Preprocess if needed, load the model, attach the adapter and train."""
     from finetune.train import train as run_training
@@ -187,7 +192,16 @@ def train(
     loaded = _load(config, ctx.args)
     if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_relaunch(num_processes))
-    result = run_training(loaded.config, resume=resume, force=force, log=typer.echo)
+
+    def plan_memory(resolved, lengths, log) -> None:
+        from finetune.plan.at_start import plan_at_start
+
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        plan_at_start(resolved, lengths, log, choice=plan, world_size=world_size)
+
+    result = run_training(
+        loaded.config, resume=resume, force=force, log=typer.echo, before_model=plan_memory
+    )
     if int(os.environ.get("RANK", "0")) == 0:  # one process speaks for all
         typer.echo(
             f"done: {result.global_step} steps; adapter, tokenizer and logs in {result.output_dir}"

@@ -114,9 +114,12 @@ def make_plan(
     num_gpus: int = 1,
     log=print,
     budget_bytes: int | None = None,
+    memory_only: bool = False,
 ) -> Plan:
     """The plan for `config` on this machine's CPU, or on `num_gpus` of `gpu`; `budget_bytes`
-    replaces the memory it must fit in (default: the GPU's, or the RAM available now)."""
+    replaces the memory it must fit in (default: the GPU's, or the RAM available now).
+    `memory_only`: memory and disk, no time (what `train` prints at its start: 2 of the 5 steps
+    per measured model)."""
     from finetune.model.load import compute_dtype_name, load_model_config
 
     config = _for_device(config, gpu)
@@ -130,7 +133,7 @@ def make_plan(
     measured -= measured % 2
     log(f"measuring 3 training steps of a 1- and 2-layer {text.model_type} ({measured} tokens)")
     steps = [
-        measure_step(config, model_config, layers, count, packed)
+        measure_step(config, model_config, layers, count, packed, timed=not memory_only)
         for layers, count in ((1, measured // 2), (1, measured), (2, measured))
     ]
     dtype_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[compute_dtype_name(config)]
@@ -145,7 +148,8 @@ def make_plan(
         seconds_per_step=None,
         time_basis="",
     )
-    _add_time(plan, config, model, gpu, num_gpus)
+    if not memory_only:
+        _add_time(plan, config, model, gpu, num_gpus)
     _add_disk(plan, config, model)
     if not plan.fits:
         plan.suggestion = _suggest(config, model, tokens, runtime, gpu, num_gpus, plan)

@@ -52,3 +52,22 @@ def find_gpu(name: str) -> Gpu | None:
 
 def gpu_names() -> str:
     return ", ".join(gpu.name for gpu in GPUS.values())
+
+
+def this_gpu() -> Gpu | None:
+    """The CUDA device this process trains on, as the planner needs it (memory and bf16 as the
+    device reports them; peak throughput from the table when the name matches, else 0)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    device = torch.cuda.current_device()
+    properties = torch.cuda.get_device_properties(device)
+    name = properties.name
+    known = next((gpu for key, gpu in GPUS.items() if key.split("-")[0] in name.lower()), None)
+    return Gpu(
+        name,
+        properties.total_memory / 2**30,
+        torch.cuda.is_bf16_supported(),
+        known.tflops_16bit if known else 0.0,
+    )

@@ -50,11 +50,14 @@ def train(
     force: bool = False,
     log: Callable[[str], None] = print,
     callbacks: list[TrainerCallback] | None = None,
+    before_model: Callable[[FinetuneConfig, list[int], Callable[[str], None]], None] | None = None,
 ) -> TrainResult:
     """Train the adapter described by `config`; returns where it was written.
 
     `auto` settings are decided for this machine first; what the run used is recorded in
-    output_dir/run.json for the later verbs.
+    output_dir/run.json for the later verbs. `before_model(config, lengths, log)` runs on the
+    main process once the data is prepared (the training samples' lengths), before anything
+    distributed starts or the model loads: the CLI's memory plan.
     """
     from finetune.machine import resolve_for_machine
 
@@ -64,6 +67,8 @@ def train(
     output_dir = Path(config.output_dir)
     start = _check_before_loading(config, output_dir, resume, force, log)
     tokenizer, prepared = _prepare_data(config, log)
+    if before_model is not None and is_main_process():
+        before_model(config, list(prepared.train["length"]), log)
     # TrainingArguments before the model: they set up the processes, and with a ZeRO-3 config
     # they make from_pretrained create the model already partitioned (deepspeed.zero.Init), so
     # no process ever holds the whole model. Kept alive until the Trainer has its own.
