@@ -81,15 +81,20 @@ def plan_at_start(
             )
             return
     gpu = this_gpu()
-    with contextlib.redirect_stdout(sys.stderr):  # libraries that print while the steps run
-        plan = make_plan(
-            config,
-            gpu,
-            world_size if gpu is not None else 1,
-            log=lambda message: None,
-            budget_bytes=budget_bytes,
-            memory_only=True,
-        )
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # libraries that print while steps run
+            plan = make_plan(
+                config,
+                gpu,
+                world_size if gpu is not None else 1,
+                log=lambda message: None,
+                budget_bytes=budget_bytes,
+                memory_only=True,
+            )
+    except Exception as error:  # noqa: BLE001 (a plan that fails must not stop the run)
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        log(f"plan: could not plan this run ({reason}); training goes on without it")
+        return
     log(summary_line(plan))
     if not plan.fits:
         change = ""

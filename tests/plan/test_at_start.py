@@ -86,3 +86,18 @@ def test_train_prints_the_plan_before_loading_the_model(tmp_path, six_layer_mode
     attention = next(i for i, line in enumerate(lines) if line.startswith("attention: "))
     assert plan < attention  # said before the model loads
     assert "done: 1 steps" in done.stdout
+
+
+def test_a_plan_that_fails_says_so_and_the_run_goes_on(tmp_path, six_layer_model, monkeypatch):
+    import finetune.plan.estimate as estimate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no shortened copy of this model")
+
+    monkeypatch.setattr(estimate, "make_plan", broken)
+    said: list[str] = []
+    plan_at_start(plan_config(tmp_path, six_layer_model), [200], said.append, choice=True)
+    assert said == [
+        "plan: could not plan this run (no shortened copy of this model); training goes on "
+        "without it"
+    ]
