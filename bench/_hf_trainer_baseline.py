@@ -2,9 +2,10 @@
 
 HF Trainer + PEFT LoRA (r16, all linear layers) + DataCollatorForSeq2Seq padding, fp32, the
 Alpaca prompt masked. Prints trained tokens per second over the steps after the first.
-STEPS 0: one epoch (bench/peers.py's whole-process wall time).
+STEPS 0: one epoch (bench/peers.py's whole-process wall time). PRECISION bf16: the HF
+Trainer's bf16 mixed precision on the CPU (`bf16=True, use_cpu=True`), else fp32.
 
-    python bench/_hf_trainer_baseline.py MODEL_DIR DATA.jsonl OUT_DIR STEPS BATCH
+    python bench/_hf_trainer_baseline.py MODEL_DIR DATA.jsonl OUT_DIR STEPS BATCH [PRECISION]
 """
 
 import json
@@ -32,6 +33,7 @@ PROMPT = (
 def main() -> None:
     model_dir, data, out = sys.argv[1], sys.argv[2], sys.argv[3]
     steps, batch = int(sys.argv[4]), int(sys.argv[5])
+    bf16 = len(sys.argv) > 6 and sys.argv[6] == "bf16"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def encode(row: dict) -> dict:
@@ -75,6 +77,7 @@ def main() -> None:
         logging_steps=1,
         seed=42,
         disable_tqdm=True,
+        bf16=bf16,
     )
     CountingTrainer(
         model=model,

@@ -208,23 +208,37 @@ def preprocess(runner: Runner, model: Path, scratch: Path, rows: int, rounds: in
 BASELINE = HERE / "_hf_trainer_baseline.py"
 
 
-def epoch(runner: Runner, model: Path, scratch: Path, rows: int, rounds: int) -> dict:
+def epoch(
+    runner: Runner, model: Path, scratch: Path, rows: int, rounds: int, precision: str = "fp32"
+) -> dict:
+    """`precision` fp32: `bf16: false` on both sides. auto: `bf16: auto` in the one YAML, as
+    users write it; each tool decides (finetune: bf16 on a CPU with AVX512-BF16 or AMX; Axolotl:
+    fp32 on any CPU, its TrainingArguments refuse bf16 without CUDA), and the baseline runs in
+    fp32 and, where the CPU has bf16, once more with the HF Trainer's bf16 on the CPU."""
+    from finetune.machine import bf16_supported
+
     data = write_jsonl(alpaca_rows(rows, 200, seed=1), scratch / "epoch.jsonl")
+    keys = {"bf16": "auto"} if precision == "auto" else {}
+    baselines = ["baseline"]
+    if precision == "auto" and bf16_supported():
+        baselines.append("baseline-bf16")
     configs = {}
     for side in SIDES:  # the data prepared beforehand, not timed
         work = scratch / f"epoch-{side}"
-        configs[side] = config(work.with_suffix(".yaml"), model, data, work)
+        configs[side] = config(work.with_suffix(".yaml"), model, data, work, **keys)
         if not runner.run(side, "preprocess", configs[side])["ok"]:
             raise RuntimeError(f"{side} preprocess failed")
-    results: dict[str, list[dict]] = {side: [] for side in (*SIDES, "baseline")}
+    results: dict[str, list[dict]] = {side: [] for side in (*SIDES, *baselines)}
     for attempt in range(rounds):
-        order = ("finetune", "axolotl", "baseline")
+        order = ("finetune", "axolotl", *baselines)
         order = order if attempt % 2 == 0 else order[::-1]
         for side in order:
-            if side == "baseline":
-                out = scratch / f"baseline-{attempt}"
+            if side.startswith("baseline"):
+                out = scratch / f"{side}-{attempt}"
                 command = [sys.executable, str(BASELINE), str(model), str(data), str(out), "0", "4"]
+                command += ["bf16"] if side == "baseline-bf16" else []
                 result = measured(command, OFFLINE)
+                result["precision"] = "bf16" if side == "baseline-bf16" else "fp32"
             else:
                 work = scratch / f"epoch-{side}"
                 cfg = config(
@@ -233,8 +247,10 @@ def epoch(runner: Runner, model: Path, scratch: Path, rows: int, rounds: int) ->
                     data,
                     work,
                     output_dir=str(work / f"out{attempt}"),
+                    **keys,
                 )
                 result = runner.run(side, "train", cfg)
+                result["precision"] = trained_precision(side, work / f"out{attempt}")
             if not result["ok"]:
                 raise RuntimeError(f"{side} one-epoch run failed")
             results[side].append(result)
@@ -250,10 +266,25 @@ def epoch(runner: Runner, model: Path, scratch: Path, rows: int, rounds: int) ->
 
     return {
         "rows": rows,
+        "precision": precision,
         "runs": results,
         "over_baseline": statistics.median(ratios("baseline")),
         "over_axolotl": statistics.median(ratios("axolotl")),
+        **(
+            {"over_baseline_bf16": statistics.median(ratios("baseline-bf16"))}
+            if "baseline-bf16" in results
+            else {}
+        ),
     }
+
+
+def trained_precision(side: str, output_dir: Path) -> str:
+    """What the run trained in: finetune's run.json says; Axolotl trains in fp32 on a CPU
+    (`bf16: true` fails there, `auto` resolves to false)."""
+    if side != "finetune":
+        return "fp32"
+    record = json.loads((output_dir / "run.json").read_text())
+    return record.get("compute_dtype") or "?"
 
 
 def memory(runner: Runner, model: Path, scratch: Path) -> dict:
@@ -349,6 +380,17 @@ def markdown(r: dict) -> str:
             f"### One epoch, whole process: {e['rows']} Alpaca rows, sequence_len 1024, "
             "micro_batch_size 4, data prepared",
             "",
+            *(
+                [
+                    "Precision as users write it: `bf16: auto` in the one YAML (`--precision "
+                    "auto`); each row says what the run trained in. Axolotl cannot train in bf16 "
+                    "on a CPU (its TrainingArguments refuse `bf16: true` without CUDA; `auto` "
+                    "resolves to fp32).",
+                    "",
+                ]
+                if e.get("precision") == "auto"
+                else []
+            ),
             "| run | wall time (s), each run | peak RSS (GB), each run |",
             "| --- | --- | --- |",
         ]
@@ -356,17 +398,23 @@ def markdown(r: dict) -> str:
             "finetune": "finetune train (packed)",
             "axolotl": "axolotl train --launcher python (packed)",
             "baseline": "HF Trainer + PEFT, padded batches of 4 (allocator defaults)",
+            "baseline-bf16": "the same baseline with `bf16=True, use_cpu=True`",
         }
         for side, label in names.items():
+            if side not in e["runs"]:
+                continue
             runs = e["runs"][side]
             times = ", ".join(f"{x['seconds']:.0f}" for x in runs)
             peaks = ", ".join(f"{x['peak_gb']:.2f}" for x in runs)
-            lines.append(f"| {label} | {times} | {peaks} |")
+            trained = "/".join(sorted({x.get("precision", "fp32") for x in runs}))
+            lines.append(f"| {label}, {trained} | {times} | {peaks} |")
         lines += [
             "",
             f"finetune / baseline: **{e['over_baseline']:.2f}x** (target ≤ 0.4x); finetune / "
             f"Axolotl: **{e['over_axolotl']:.2f}x** (target ≤ 0.5x); medians of paired runs.",
         ]
+        if "over_baseline_bf16" in e:
+            lines[-1] += f" finetune / bf16 baseline: **{e['over_baseline_bf16']:.2f}x**."
     if "memory" in r:
         m = r["memory"]
         lengths = sorted({n for side in SIDES for n in m["peaks"][side]})
@@ -414,6 +462,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20000, help="preprocess rows")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epoch-rounds", type=int, default=2)
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "auto"),
+        default="fp32",
+        help="epoch: bf16: false on both sides, or bf16: auto as users write it",
+    )
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     if not args.axolotl.exists():
@@ -427,7 +481,7 @@ def main() -> None:
         if "preprocess" in parts:
             results["preprocess"] = preprocess(runner, model, scratch, args.rows, args.rounds)
         if "epoch" in parts:
-            results["epoch"] = epoch(runner, model, scratch, 150, args.epoch_rounds)
+            results["epoch"] = epoch(runner, model, scratch, 150, args.epoch_rounds, args.precision)
         if "memory" in parts:
             results["memory"] = memory(runner, model, scratch)
     print(markdown(results) if args.markdown else json.dumps(results, indent=2))
