@@ -74,6 +74,13 @@ class _UniqueKeySafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Why Axolotl's torch_compile keys do nothing here (bench/torch_compile.py, bench/RESULTS.md).
+TORCH_COMPILE_NOT_USED = (
+    "finetune trains eagerly: on a CPU compiling did not pay (the bench epoch: 63 s first step, "
+    "later steps no faster, 152 s vs 88 s in all; bench/torch_compile.py); not measured on a GPU"
+)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The config file as a mapping; syntax errors name the line and column."""
     source = str(path)
@@ -211,6 +218,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedC
         warnings.append(
             "ignored Axolotl keys (finetune does not implement them): " + ", ".join(ignored)
         )
+    if ignored and {**raw, **override_values}.get("torch_compile"):  # asked for, not false
+        warnings.append(f"torch_compile: {TORCH_COMPILE_NOT_USED}")
     warnings += differences_worth_a_word(config)
     return LoadedConfig(
         config=config, path=source, warnings=warnings, overrides=dict(override_values)

@@ -131,12 +131,13 @@ def test_unknown_key_without_close_match(tmp_path):
 
 
 def test_unimplemented_axolotl_keys_are_one_warning(tmp_path):
-    config = {**MINIMAL, "neftune_noise_alpha": 5, "torch_compile": True, "unsloth_rope": None}
+    config = {**MINIMAL, "neftune_noise_alpha": 5, "torch_empty_cache_steps": 8}
+    config["unsloth_rope"] = None
     config["datasets"] = [{**MINIMAL["datasets"][0], "shards": 4}]
     loaded = load_config(write(tmp_path, config))
     assert len(loaded.warnings) == 1
     assert "neftune_noise_alpha" in loaded.warnings[0]
-    assert "torch_compile" in loaded.warnings[0]
+    assert "torch_empty_cache_steps" in loaded.warnings[0]
     assert "datasets[0].shards" in loaded.warnings[0]
     assert "unsloth_rope" not in loaded.warnings[0]  # left empty: asks for nothing
 
@@ -381,6 +382,15 @@ def test_plugins_that_only_speed_up_are_ignored_with_a_warning(tmp_path):
     assert any(
         "plugins" in w and "liger_rms_norm" in w and "cut_cross_entropy" in w for w in warnings
     )
+
+
+def test_torch_compile_says_why_it_does_nothing(tmp_path):
+    config = {**MINIMAL, "torch_compile": True, "torch_compile_backend": "inductor"}
+    warnings = load_config(write(tmp_path, config)).warnings
+    assert any("torch_compile" in w and "ignored Axolotl keys" in w for w in warnings)
+    assert any(w.startswith("torch_compile: finetune trains eagerly") for w in warnings)
+    off = load_config(write(tmp_path, {**MINIMAL, "torch_compile": False})).warnings
+    assert not any("eagerly" in w for w in off)
 
 
 def test_axolotl_typo_gets_a_suggestion(tmp_path):
