@@ -78,8 +78,14 @@ def assert_same_adapter(output: Path, reference: dict) -> None:
     trained = load_file(output / "adapter_model.safetensors")
     assert trained.keys() == reference.keys()
     for key, tensor in reference.items():
-        # Adam amplifies the last-bit differences of a distributed all-reduce a little.
-        torch.testing.assert_close(trained[key].float(), tensor.float(), rtol=0, atol=1e-4)
+        # Adam amplifies the last-bit differences of a distributed all-reduce where a gradient
+        # is near zero (m / sqrt(v) of noise): on an AMD EPYC one element of 512 moved 1.3e-4.
+        # A real difference (a sample dropped, doubled or mis-averaged) moves most elements by
+        # about a step of the learning rate (5e-3): a tenth of that anywhere, and on average
+        # the last bits only.
+        difference = (trained[key].float() - tensor.float()).abs()
+        assert difference.max() < 5e-4, (key, difference.max())
+        assert difference.mean() < 1e-5, (key, difference.mean())
     lines = (output / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4  # written once, by the main process only
 
