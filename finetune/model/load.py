@@ -86,6 +86,13 @@ def quantization_config(config: FinetuneConfig):
     return None
 
 
+def text_config(model_config):
+    """The language model's part of a model config (a multimodal config's text config, else
+    the config itself): where the layers, hidden size and vocabulary are."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else None
+    return text or model_config
+
+
 def load_model_config(config: FinetuneConfig):
     """The base model's own config (`base_model_config` when set), without its weights."""
     from transformers import AutoConfig

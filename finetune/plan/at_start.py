@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from finetune.config import FinetuneConfig
+from finetune.model.load import text_config
 from finetune.plan.estimate import MEASURE_TOKENS
 
 PLAN_SHARE = 0.02  # the most of a run's compute the plan at its start may cost by default
@@ -22,8 +23,7 @@ PLAN_SHARE = 0.02  # the most of a run's compute the plan at its start may cost 
 def plan_cost_share(config: FinetuneConfig, model_config, run_tokens: int) -> float:
     """The plan's measured steps over the run's training steps, in forward multiply-adds per
     token (a decoder layer's linear weights, and the output head over the vocabulary)."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else None
-    text = text or model_config
+    text = text_config(model_config)
     hidden = text.hidden_size
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or hidden // heads

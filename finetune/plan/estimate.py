@@ -120,13 +120,12 @@ def make_plan(
     replaces the memory it must fit in (default: the GPU's, or the RAM available now).
     `memory_only`: memory and disk, no time (what `train` prints at its start: 2 of the 5 steps
     per measured model)."""
-    from finetune.model.load import compute_dtype_name, load_model_config
+    from finetune.model.load import compute_dtype_name, load_model_config, text_config
 
     config = _for_device(config, gpu)
     runtime = _own_resident_bytes() if gpu is None else CUDA_CONTEXT_BYTES
     model_config = load_model_config(config)
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else None
-    text = text or model_config
+    text = text_config(model_config)
     packed = bool(config.sample_packing)
     tokens = config.micro_batch_size * config.sequence_len
     measured = min(tokens, MEASURE_TOKENS)

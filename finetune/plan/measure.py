@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from finetune.config import FinetuneConfig
+from finetune.model.load import text_config
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class StepMeasure:
 def shortened(model_config, layers: int):
     """The same architecture with `layers` decoder layers."""
     short = copy.deepcopy(model_config)
-    text = short.get_text_config() if hasattr(short, "get_text_config") else short
+    text = text_config(short)
     text.num_hidden_layers = layers
     if getattr(text, "layer_types", None):
         text.layer_types = list(text.layer_types[:layers])
@@ -199,8 +200,7 @@ class _Vocabulary:
     """What load_model asks of a tokenizer: its length (the embedding rows)."""
 
     def __init__(self, model_config):
-        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else None
-        self.size = (text or model_config).vocab_size
+        self.size = text_config(model_config).vocab_size
 
     def __len__(self) -> int:
         return self.size
@@ -210,8 +210,7 @@ def _batch(config: FinetuneConfig, model_config, tokens: int, packed: bool) -> d
     """A micro-batch of the run's shape, every token trained (the most the loss can cost)."""
     from finetune.data.packing import collate_packed, collate_padded
 
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else None
-    vocab = (text or model_config).vocab_size
+    vocab = text_config(model_config).vocab_size
     generator = torch.Generator().manual_seed(0)
     rows = config.micro_batch_size
     width = tokens // rows if not packed else tokens

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from finetune.config import FinetuneConfig
 from finetune.errors import PackingError
+from finetune.model.load import text_config
 from finetune.train.attention import PER_SAMPLE_ATTENTION
 
 # Model types whose attention mask is built without `position_ids` (transformers 5.24), so
@@ -43,8 +44,7 @@ def choose_attention(config: FinetuneConfig, model_config) -> AttentionChoice:
     """The attention implementation and packing for this config and this base model."""
     requested = config.attn_implementation or "sdpa"
     packed, eval_packed = bool(config.sample_packing), bool(config.eval_sample_packing)
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else None
-    text = text or model_config
+    text = text_config(model_config)
     family = getattr(text, "model_type", None) or getattr(model_config, "model_type", "model")
     features = _features(text)
     own = _own_attention(model_config, requested)
