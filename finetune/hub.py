@@ -57,6 +57,7 @@ def resolved_dataset_revision(repo_id: str, revision: str | None) -> str | None:
 # without trust_remote_code once the publisher is trusted. finetune never loads Hub kernels:
 # while bitsandbytes imports, `kernels` cannot be imported, and bitsandbytes keeps its own kernels.
 _BNB_HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_ABSENT = object()  # `kernels` was not imported before bitsandbytes
 
 
 class _BitsandbytesWithoutHubKernels:
@@ -91,9 +92,6 @@ class _BitsandbytesWithoutHubKernels:
 class _DropHubKernelWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(_BNB_HUB_KERNEL_WARNING)
-
-
-_ABSENT = object()
 
 
 def no_hub_kernels_in_bitsandbytes() -> None:

@@ -218,7 +218,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedC
         warnings.append(
             "ignored Axolotl keys (finetune does not implement them): " + ", ".join(ignored)
         )
-    if ignored and {**raw, **override_values}.get("torch_compile"):  # asked for, not false
+    if raw.get("torch_compile"):  # asked for (overrides are in raw), not false
         warnings.append(f"torch_compile: {TORCH_COMPILE_NOT_USED}")
     warnings += differences_worth_a_word(config)
     return LoadedConfig(

@@ -55,19 +55,13 @@ def gpu_names() -> str:
 
 
 def this_gpu() -> Gpu | None:
-    """The CUDA device this process trains on, as the planner needs it (memory and bf16 as the
-    device reports them; peak throughput from the table when the name matches, else 0)."""
+    """The CUDA device this process trains on, for a memory-only plan (`train`'s): memory and
+    bf16 as the device reports them; no throughput (a memory plan has no time)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    device = torch.cuda.current_device()
-    properties = torch.cuda.get_device_properties(device)
-    name = properties.name
-    known = next((gpu for key, gpu in GPUS.items() if key.split("-")[0] in name.lower()), None)
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device())
     return Gpu(
-        name,
-        properties.total_memory / 2**30,
-        torch.cuda.is_bf16_supported(),
-        known.tflops_16bit if known else 0.0,
+        properties.name, properties.total_memory / 2**30, torch.cuda.is_bf16_supported(), 0.0
     )
