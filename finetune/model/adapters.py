@@ -97,6 +97,7 @@ def attach_adapter(model: torch.nn.Module, config: FinetuneConfig, log=print):
             ) from None
     if not config.uses_fsdp():  # FSDP wants one dtype per wrapped unit
         keep_trained_weights_in_fp32(peft_model)
+    no_input_round_trip_under_autocast(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     return peft_model
@@ -116,3 +117,37 @@ def keep_trained_weights_in_fp32(model: torch.nn.Module) -> list[str]:
             param.data = param.data.float()  # in place: ties to the same Parameter survive
             upcast.append(name)
     return upcast
+
+
+def no_input_round_trip_under_autocast(model: torch.nn.Module) -> int:
+    """Under autocast, let LoRA's A matrix take its input in the autocast dtype instead of
+    peft's upcast to the adapter's float32 and autocast's cast straight back.
+
+    The round trip is exact (bf16/fp16 -> fp32 -> the same dtype), so loss and gradients are
+    bit-identical, but it costs memory and copies: float32 temporaries of every adapted layer's
+    input and of its gradient, and bf16 copies kept for the backward pass beside the ones the
+    base layers keep (three per decoder layer with `lora_target_linear`). SmolLM2-135M, 4 x 1024
+    packed tokens in bf16: peak RSS 5.7 -> 4.8 GB, the first step 17 -> 13 s (mostly page
+    faults). Only where the input already has autocast's dtype (a float32 input, or any input
+    outside autocast, meets float32 weights as before); peft's quantized layers skip the cast
+    under autocast themselves. Not for DoRA layers: DoRA computes with the float32 input outside
+    autocast's casts (the loss moves in its 4th digit). Returns how many layers it applies to.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    def round_trip_needed(module, args):
+        x = args[0] if args else None
+        module.cast_input_dtype_enabled = not (
+            isinstance(x, torch.Tensor)
+            and torch.is_autocast_enabled(x.device.type)
+            and x.dtype == torch.get_autocast_dtype(x.device.type)
+        )
+
+    layers = [
+        module
+        for module in model.modules()
+        if isinstance(module, LoraLinear) and not module.lora_variant  # variant: DoRA
+    ]
+    for module in layers:
+        module.register_forward_pre_hook(round_trip_needed)
+    return len(layers)

@@ -80,3 +80,69 @@ def test_attaching_an_adapter_prints_no_library_deprecation_warning(tmp_path, un
         warnings.simplefilter("always")
         attach_adapter(model, config, log=lambda message: None)
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def _saved_bytes_loss_and_grads(model, ids):
+    """One bf16 autocast forward and backward: the bytes autograd keeps for the backward pass
+    (distinct storages), the loss and the adapter's gradients."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.zero_grad()
+    keep = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+    with torch.autocast("cpu", dtype=torch.bfloat16), keep:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return sum(storages.values()), loss.detach(), grads
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_under_autocast_lora_keeps_no_copy_of_its_input_and_trains_the_same(
+    tmp_path, tiny_model_dir, dora
+):
+    """peft upcasts each adapted layer's input to the adapter's float32 and autocast casts it
+    back: an exact round trip that leaves more bf16 copies for the backward pass. Without it,
+    loss and gradients are bit-identical to peft's own and less is kept. DoRA, whose result the
+    cast does change, keeps it: bit-identical to peft's own."""
+    from peft import get_peft_model
+
+    from finetune.model.adapters import keep_trained_weights_in_fp32, lora_config
+
+    config = bf16_config(
+        tmp_path, tiny_model_dir, lora_modules_to_save=None, peft_use_dora=dora, lora_dropout=0.0
+    )
+    ours = attach_adapter(load_model(config, load_tokenizer(config)), config, log=lambda m: None)
+    base = load_model(config, load_tokenizer(config))
+    peft_own = get_peft_model(base, lora_config(config, base))  # the reference: peft as is
+    keep_trained_weights_in_fp32(peft_own)
+    torch.manual_seed(1)  # B is zero at initialisation: give the adapter a real contribution
+    trained = {n: torch.randn_like(p) * 0.1 for n, p in ours.named_parameters() if p.requires_grad}
+    for model in (ours, peft_own):
+        model.load_state_dict(trained, strict=False)
+    ids = torch.randint(0, 1000, (2, 24))
+
+    ours_bytes, ours_loss, ours_grads = _saved_bytes_loss_and_grads(ours, ids)
+    peft_bytes, peft_loss, peft_grads = _saved_bytes_loss_and_grads(peft_own, ids)
+
+    assert torch.equal(ours_loss, peft_loss)
+    assert ours_grads.keys() == peft_grads.keys() and len(ours_grads) > 0
+    for name, grad in ours_grads.items():
+        assert torch.equal(grad, peft_grads[name]), name
+    if not dora:  # peft's own keeps 3 more bf16 copies of a (2 x 24 x 64) input per decoder layer
+        assert peft_bytes - ours_bytes >= 2 * 3 * (2 * 24 * 64) * 2
+
+
+def test_outside_autocast_a_bf16_input_still_meets_float32_adapters(tmp_path, tiny_model_dir):
+    """The round trip is skipped only under autocast: a bf16 model run without it (as a user
+    might for generation) still gets peft's cast to the float32 adapter instead of an error."""
+    config = bf16_config(tmp_path, tiny_model_dir, lora_modules_to_save=None)
+    model = attach_adapter(load_model(config, load_tokenizer(config)), config, log=lambda m: None)
+    ids = torch.randint(0, 1000, (1, 8))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
