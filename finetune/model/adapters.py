@@ -8,6 +8,7 @@ import torch
 
 from finetune.config import FinetuneConfig
 from finetune.errors import AdapterError
+from finetune.machine import shards_parameters
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -98,6 +99,10 @@ def attach_adapter(model: torch.nn.Module, config: FinetuneConfig, log=print):
     if not config.uses_fsdp():  # FSDP wants one dtype per wrapped unit
         keep_trained_weights_in_fp32(peft_model)
     no_input_round_trip_under_autocast(peft_model)
+    if not shards_parameters(config):  # ZeRO-3 / FSDP gather B's weight in its module call
+        from finetune.model.fused_lora import fuse_lora_updates
+
+        fuse_lora_updates(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     return peft_model

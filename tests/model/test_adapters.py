@@ -108,10 +108,12 @@ def test_under_autocast_lora_keeps_no_copy_of_its_input_and_trains_the_same(
     """peft upcasts each adapted layer's input to the adapter's float32 and autocast casts it
     back: an exact round trip that leaves more bf16 copies for the backward pass. Without it,
     loss and gradients are bit-identical to peft's own and less is kept. DoRA, whose result the
-    cast does change, keeps it: bit-identical to peft's own."""
+    cast does change, keeps it: bit-identical to peft's own. (The reference gets the fused
+    LoRA update too, tests/model/test_fused_lora.py, so the round trip is the only difference.)"""
     from peft import get_peft_model
 
     from finetune.model.adapters import keep_trained_weights_in_fp32, lora_config
+    from finetune.model.fused_lora import fuse_lora_updates
 
     config = bf16_config(
         tmp_path, tiny_model_dir, lora_modules_to_save=None, peft_use_dora=dora, lora_dropout=0.0
@@ -120,6 +122,7 @@ def test_under_autocast_lora_keeps_no_copy_of_its_input_and_trains_the_same(
     base = load_model(config, load_tokenizer(config))
     peft_own = get_peft_model(base, lora_config(config, base))  # the reference: peft as is
     keep_trained_weights_in_fp32(peft_own)
+    fuse_lora_updates(peft_own)
     torch.manual_seed(1)  # B is zero at initialisation: give the adapter a real contribution
     trained = {n: torch.randn_like(p) * 0.1 for n, p in ours.named_parameters() if p.requires_grad}
     for model in (ours, peft_own):
