@@ -20,13 +20,19 @@ def smollm2_tokenizer(smollm2_dir):
 
 
 @pytest.fixture(scope="session")
-def save_tiny_llama(smollm2_tokenizer):
-    """save_tiny_llama(folder, **config): a random 2-layer Llama (hidden 64, GQA 4:2, seed 0)
-    with SmolLM2's tokenizer, saved as a normal checkpoint folder; keywords change its config."""
+def save_tiny_model(smollm2_tokenizer):
+    """save_tiny_model(folder, family="llama", **config): a random 2-layer model of the family
+    (hidden 64, GQA 4:2, seed 0) with SmolLM2's tokenizer, saved as a normal checkpoint folder;
+    keywords change its config. Families: llama, qwen2 (biases on q/k/v)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    def save(folder, **overrides):
+    classes = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    }
+
+    def save(folder, family="llama", **overrides):
         torch.manual_seed(0)
         values = {
             "vocab_size": len(smollm2_tokenizer),
@@ -41,7 +47,8 @@ def save_tiny_llama(smollm2_tokenizer):
             "pad_token_id": smollm2_tokenizer.pad_token_id,
             "tie_word_embeddings": True,
         }
-        LlamaForCausalLM(LlamaConfig(**{**values, **overrides})).save_pretrained(folder)
+        config_class, model_class = (getattr(transformers, name) for name in classes[family])
+        model_class(config_class(**{**values, **overrides})).save_pretrained(folder)
         smollm2_tokenizer.save_pretrained(folder)
         return folder
 
@@ -49,9 +56,23 @@ def save_tiny_llama(smollm2_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def save_tiny_llama(save_tiny_model):
+    """save_tiny_llama(folder, **config): save_tiny_model's Llama."""
+    return lambda folder, **overrides: save_tiny_model(folder, "llama", **overrides)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, save_tiny_llama):
     """A 2-layer Llama with SmolLM2's tokenizer, saved as a normal checkpoint folder."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, save_tiny_model):
+    """A second family: a 2-layer Qwen2 (q/k/v biases, untied head) with SmolLM2's tokenizer."""
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tie_word_embeddings=False
+    )
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -18,30 +18,6 @@ from finetune.model.load import load_model, load_tokenizer
 SAMPLES = Path(__file__).parents[2] / "data" / "samples"
 
 
-@pytest.fixture(scope="module")
-def qwen2_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
-    """A second family: a 2-layer Qwen2 (q/k/v biases, untied head) with SmolLM2's tokenizer."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        bos_token_id=smollm2_tokenizer.bos_token_id,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
-        pad_token_id=smollm2_tokenizer.pad_token_id,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def avx512_bf16_cpu(monkeypatch):
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
@@ -76,9 +52,7 @@ def gradients(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
 def test_an_evaluation_does_not_change_later_qlora_gradients(
     tmp_path, request, family, avx512_bf16_cpu
 ):
-    model_dir = request.getfixturevalue(
-        "tiny_model_dir" if family == "llama" else "qwen2_model_dir"
-    )
+    model_dir = request.getfixturevalue("tiny_model_dir" if family == "llama" else "tiny_qwen2_dir")
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     model = qlora_model(tmp_path, model_dir)
     before = gradients(model, ids)

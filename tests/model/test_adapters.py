@@ -101,9 +101,10 @@ def _saved_bytes_loss_and_grads(model, ids):
     return sum(storages.values()), loss.detach(), grads
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_under_autocast_lora_keeps_no_copy_of_its_input_and_trains_the_same(
-    tmp_path, tiny_model_dir, dora
+    tmp_path, request, family, dora
 ):
     """peft upcasts each adapted layer's input to the adapter's float32 and autocast casts it
     back: an exact round trip that leaves more bf16 copies for the backward pass. Without it,
@@ -115,8 +116,9 @@ def test_under_autocast_lora_keeps_no_copy_of_its_input_and_trains_the_same(
     from finetune.model.adapters import keep_trained_weights_in_fp32, lora_config
     from finetune.model.fused_lora import fuse_lora_updates
 
+    model_dir = request.getfixturevalue("tiny_model_dir" if family == "llama" else "tiny_qwen2_dir")
     config = bf16_config(
-        tmp_path, tiny_model_dir, lora_modules_to_save=None, peft_use_dora=dora, lora_dropout=0.0
+        tmp_path, model_dir, lora_modules_to_save=None, peft_use_dora=dora, lora_dropout=0.0
     )
     ours = attach_adapter(load_model(config, load_tokenizer(config)), config, log=lambda m: None)
     base = load_model(config, load_tokenizer(config))
