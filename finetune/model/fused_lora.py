@@ -17,7 +17,8 @@ run-to-run noise), with the same final loss.
 
 Only peft's plain `lora.Linear` with one active adapter, no DoRA (or other variant), no LoRA
 bias and no per-call arguments takes this path; everything else (a disabled or merged adapter,
-`adapter_names`, several adapters at once) runs peft's own forward. Not for runs that shard
+`adapter_names`, several adapters at once, weights of mixed dtypes outside autocast) runs
+peft's own forward. Not for runs that shard
 parameters (ZeRO-3, FSDP): B's weight is read directly, outside the module call that gathers it.
 """
 
@@ -31,29 +32,25 @@ class FusedLoraLinear(LoraLinear):
     """peft's `lora.Linear` whose plain-LoRA forward adds the update inside B's product."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter = None if args or kwargs else self._plain_adapter()
+        adapter = None if args or kwargs else self._plain_adapter(x)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x)
         lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
         x = self._cast_input_dtype(x, lora_a.weight.dtype)
         low_rank = lora_a(self.lora_dropout[adapter](x))
-        scaling = self.scaling[adapter]
-        weight = lora_b.weight
-        same_dtype = result.dtype == low_rank.dtype == weight.dtype
-        if not same_dtype and not torch.is_autocast_enabled(x.device.type):
-            # e.g. a bf16 model outside autocast meeting float32 adapters: peft's own sum
-            return (result + lora_b(low_rank) * scaling).to(result.dtype)
         update = torch.addmm(
             result.reshape(-1, result.shape[-1]),
             low_rank.reshape(-1, low_rank.shape[-1]),
-            weight.t(),
-            alpha=scaling,
+            lora_b.weight.t(),
+            alpha=self.scaling[adapter],
         )
         return update.view(result.shape).to(result.dtype)
 
-    def _plain_adapter(self) -> str | None:
-        """The one active adapter when it is plain LoRA without bias on an unmerged layer."""
+    def _plain_adapter(self, x: torch.Tensor) -> str | None:
+        """The one active adapter when it is plain LoRA without bias on an unmerged layer, and
+        one addmm can take the operands: under autocast, or with base and adapter weights of
+        one dtype (a bf16 model outside autocast meets float32 adapters: peft's sum)."""
         if self.disable_adapters or self.merged:
             return None
         active = [name for name in self.active_adapters if name in self.lora_A]
@@ -62,6 +59,10 @@ class FusedLoraLinear(LoraLinear):
         name = active[0]
         if name in self.lora_variant or self.lora_B[name].bias is not None:
             return None
+        if not torch.is_autocast_enabled(x.device.type):
+            weights = (self.get_base_layer(), self.lora_A[name], self.lora_B[name])
+            if len({layer.weight.dtype for layer in weights}) != 1:
+                return None
         return name
 
 
